@@ -1,0 +1,252 @@
+"""Cross-domain mixing and strong augmentation of DACS / DAFormer self-training, on batched tensors.
+
+- ClassMix (Olsson et al., WACV 2021) as used by DACS (Tranheden et al., WACV 2021) and DAFormer
+  (Hoyer et al., CVPR 2022, Sec. 3.1): per source image, half of the classes present in its label
+  are pasted onto a target image; the mixed label is the source label where pasted and the
+  teacher's pseudo-label elsewhere, the mixed pixel weight is 1 where pasted and the pseudo-label
+  weight elsewhere. CLUDA (Vayyat et al., Eq. 4-5) computes its mixed contrastive term on the
+  same mixed image, labels and weights.
+- Strong augmentation of the mixed image (DACS' `strong_transform`): colour jitter of strength
+  0.2 (brightness, contrast, saturation, hue, in random order) with probability 0.8 and a gaussian
+  blur (sigma ~ U(0.15, 1.15), kernel about 10% of the image side, odd) with probability 0.5,
+  both on the denormalised [0, 1] image, renormalised afterwards.
+
+Every random choice is drawn from an explicit CPU `torch.Generator`, so a resumed run that restores
+the generator's state reproduces the same masks and augmentations.
+"""
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cluda.data.labels import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ITU-R 601 luma weights, the grayscale that contrast and saturation blend towards.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _as_label_map(labels: torch.Tensor, name: str) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) integer -> (B, H, W)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 3:
+        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(labels.shape)}")
+    return labels
+
+
+def class_mix_masks(labels: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """ClassMix masks: per image, ceil(n / 2) = round((n + n % 2) / 2) of the n classes present in
+    its label (the ignore index excluded), chosen at random; the mask is 1 on their pixels.
+
+    Args:
+        labels: (B, H, W) or (B, 1, H, W) integer source labels.
+        generator: CPU generator the class choices are drawn from (None: torch's global one).
+        ignore_index: label value that is never a class.
+
+    Returns:
+        (B, 1, H, W) float32 mask on the labels' device, 1 where the source is pasted.
+    """
+    labels = _as_label_map(labels, "labels")
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    masks = torch.zeros(labels.shape[0], 1, *labels.shape[1:], dtype=torch.float32, device=labels.device)
+    for b in range(labels.shape[0]):
+        classes = torch.unique(labels[b])
+        classes = classes[classes != ignore_index]
+        n = classes.numel()
+        if n == 0:
+            continue  # nothing to paste from an all-ignored label
+        chosen = torch.randperm(n, generator=generator)[: (n + n % 2) // 2]
+        masks[b, 0] = torch.isin(labels[b], classes[chosen.to(classes.device)]).float()
+    return masks
+
+
+class MixedBatch(NamedTuple):
+    """image (B, 3, H, W), labels (B, H, W) int64, weights (B, H, W) float32."""
+    image: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+
+def mix(mask: torch.Tensor, *, source_image: torch.Tensor, target_image: torch.Tensor,
+        source_labels: torch.Tensor, pseudo_labels: torch.Tensor,
+        pseudo_weights: torch.Tensor) -> MixedBatch:
+    """Pastes the masked source pixels onto the target (DACS; CLUDA Eq. 4-5).
+
+    image = mask * source + (1 - mask) * target; labels = source label where pasted, pseudo-label
+    elsewhere; weights = 1 where pasted, the pseudo-label weight elsewhere.
+
+    Args:
+        mask: (B, 1, H, W) or (B, H, W) with values in {0, 1} (from `class_mix_masks`).
+        source_image: (B, 3, H, W) normalised source images.
+        target_image: (B, 3, H, W) normalised target images.
+        source_labels: (B, H, W) or (B, 1, H, W) integer source labels.
+        pseudo_labels: (B, H, W) integer teacher pseudo-labels of the target images.
+        pseudo_weights: (B, H, W) per-pixel pseudo-label weights (Gamma with zeroed margins).
+
+    Returns:
+        MixedBatch(image, labels, weights).
+    """
+    if source_image.shape != target_image.shape or source_image.dim() != 4:
+        raise ValueError(f"source_image {tuple(source_image.shape)} and target_image "
+                         f"{tuple(target_image.shape)} must be equal (B, C, H, W) shapes")
+    size = (source_image.shape[0], *source_image.shape[2:])
+    source_labels = _as_label_map(source_labels, "source_labels")
+    pseudo_labels = _as_label_map(pseudo_labels, "pseudo_labels")
+    mask = mask[:, 0] if mask.dim() == 4 else mask
+    for name, t in (("mask", mask), ("source_labels", source_labels),
+                    ("pseudo_labels", pseudo_labels), ("pseudo_weights", pseudo_weights)):
+        if tuple(t.shape) != size:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {size} to match the images")
+    pasted = mask > 0.5  # (B, H, W)
+    m = mask.unsqueeze(1).to(source_image.dtype)  # (B, 1, H, W)
+    image = m * source_image + (1 - m) * target_image
+    labels = torch.where(pasted, source_labels.long(), pseudo_labels.long())
+    weights = torch.where(pasted, torch.ones_like(pseudo_weights, dtype=torch.float32),
+                          pseudo_weights.float())
+    return MixedBatch(image, labels, weights)
+
+
+def _grayscale(img: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 1, H, W) luma."""
+    r, g, b = img.unbind(-3)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
+
+
+def adjust_brightness(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """Scales intensities of a [0, 1] image by `factor` (1 keeps it), clipped to [0, 1]."""
+    return (img * factor).clamp(0, 1)
+
+
+def adjust_contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blends a [0, 1] (3, H, W) image with its mean gray level (factor 0: flat gray, 1: unchanged)."""
+    mean = _grayscale(img).mean(dim=(-3, -2, -1), keepdim=True)
+    return (factor * img + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
+    """Blends a [0, 1] image with its grayscale version (factor 0: gray, 1: unchanged)."""
+    return (factor * img + (1 - factor) * _grayscale(img)).clamp(0, 1)
+
+
+def adjust_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotates the hue of a [0, 1] RGB image by `shift` turns (in [-0.5, 0.5]), keeping
+    saturation and value: RGB -> HSV, h += shift mod 1, HSV -> RGB."""
+    r, g, b = img.unbind(-3)
+    v, _ = img.max(dim=-3)
+    chroma = v - img.min(dim=-3).values
+    safe_c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    # Hue in sixths of a turn, from the channel that holds the maximum (red wins ties, then green).
+    h6 = torch.where(v == r, torch.remainder((g - b) / safe_c, 6.0),
+                     torch.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0))
+    h6 = torch.where(chroma > 0, h6, torch.zeros_like(h6))
+    h6 = torch.remainder(h6 + 6.0 * shift, 6.0)
+    # HSV -> RGB in closed form: channel n in (R, G, B) = (5, 3, 1) is v - C * clip(min(k, 4 - k), 0, 1)
+    # with k = (n + h6) mod 6 and C = v - min (the chroma, unchanged by a hue rotation).
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + h6, 6.0)
+        out.append(v - chroma * torch.minimum(k, 4.0 - k).clamp(0, 1))
+    return torch.stack(out, dim=-3)
+
+
+def blur_kernel_size(side: int) -> int:
+    """DACS' blur kernel: about 10% of the image side, rounded to an odd size
+    (ceil(0.1 * side), minus one if even)."""
+    k = math.ceil(0.1 * side)
+    return k if k % 2 == 1 else k - 1
+
+
+def gaussian_blur(img: torch.Tensor, *, sigma: float, kernel_size: Sequence[int]) -> torch.Tensor:
+    """Separable gaussian blur of (..., C, H, W) images with reflect padding.
+
+    Args:
+        img: (C, H, W) or (B, C, H, W) float images.
+        sigma: standard deviation of the gaussian in pixels (> 0).
+        kernel_size: (kh, kw) odd kernel sizes.
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    kh, kw = kernel_size
+    if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
+        raise ValueError(f"kernel sizes must be odd and positive, got {tuple(kernel_size)}")
+    squeeze = img.dim() == 3
+    x = img.unsqueeze(0) if squeeze else img
+    c = x.shape[1]
+
+    def taps(k: int) -> torch.Tensor:
+        t = torch.arange(k, dtype=torch.float32, device=img.device) - (k - 1) / 2
+        w = torch.exp(-0.5 * (t / sigma) ** 2)
+        return (w / w.sum()).to(img.dtype)
+
+    # Rows then columns as depthwise convolutions: (C, 1, kh, 1) and (C, 1, 1, kw).
+    x = F.pad(x, (0, 0, kh // 2, kh // 2), mode="reflect") if kh > 1 else x
+    x = F.conv2d(x, taps(kh).view(1, 1, kh, 1).expand(c, 1, kh, 1), groups=c)
+    x = F.pad(x, (kw // 2, kw // 2, 0, 0), mode="reflect") if kw > 1 else x
+    x = F.conv2d(x, taps(kw).view(1, 1, 1, kw).expand(c, 1, 1, kw), groups=c)
+    return x[0] if squeeze else x
+
+
+def strong_augment(images: torch.Tensor, *, generator: Optional[torch.Generator] = None,
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   jitter_strength: float = 0.2, jitter_p: float = 0.8, blur_p: float = 0.5,
+                   blur_sigma: Sequence[float] = (0.15, 1.15)) -> torch.Tensor:
+    """DACS / DAFormer strong augmentation of normalised images, each image drawn independently.
+
+    Per image: with probability `jitter_p`, colour jitter with brightness, contrast and saturation
+    factors ~ U(1 - s, 1 + s) and a hue shift ~ U(-s, s), applied in a random order; then with
+    probability `blur_p`, a gaussian blur with sigma ~ U(blur_sigma) and a kernel of about 10% of
+    the image size (see `blur_kernel_size`). Both act on the denormalised image
+    (x * std + mean, in [0, 1]) and the result is renormalised.
+
+    Args:
+        images: (B, 3, H, W) float images normalised with `mean` / `std`.
+        generator: CPU generator all random draws come from (None: torch's global one).
+        mean: per-channel mean the images were normalised with (on the [0, 1] scale).
+        std: per-channel std the images were normalised with.
+        jitter_strength: s, the colour jitter strength (0.2 in DAFormer).
+        jitter_p: probability of applying colour jitter to an image.
+        blur_p: probability of blurring an image.
+        blur_sigma: (low, high) range of the blur's sigma.
+
+    Returns:
+        (B, 3, H, W) augmented images, normalised; `images` is not modified.
+    """
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+        raise TypeError("images must be a floating-point tensor")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    if not 0 <= jitter_strength <= 0.5:
+        raise ValueError(f"jitter_strength must lie in [0, 0.5] (hue shifts beyond half a turn "
+                         f"are meaningless), got {jitter_strength}")
+    lo, hi = blur_sigma
+    if not 0 < lo <= hi:
+        raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {tuple(blur_sigma)}")
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    kernel = (blur_kernel_size(images.shape[2]), blur_kernel_size(images.shape[3]))
+    s = jitter_strength
+    out = []
+    for img in images:
+        # Draw every number for this image up front, so the generator advances by the same amount
+        # whichever branches are taken: u = (jitter?, brightness, contrast, saturation, hue, blur?, sigma).
+        u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        order = torch.randperm(4, generator=generator).tolist()
+        x = img * std_t + mean_t  # (3, H, W) in [0, 1]
+        if u[0] < jitter_p:
+            factors = (1 - s + 2 * s * u[1], 1 - s + 2 * s * u[2], 1 - s + 2 * s * u[3], -s + 2 * s * u[4])
+            x = x.clamp(0, 1)
+            ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+            for i in order:
+                x = ops[i](x, factors[i])
+        if u[5] < blur_p and max(kernel) > 1:
+            x = gaussian_blur(x, sigma=lo + (hi - lo) * u[6], kernel_size=kernel)
+        out.append((x - mean_t) / std_t)
+    return torch.stack(out)
