@@ -1,0 +1,431 @@
+"""Tests of kernels.pixel_infonce (CLUDA Eq. 2): the reference against a plain double loop, the tiled
+torch path and the Triton kernels (under TRITON_INTERPRET=1 on a CPU) against the reference, edge
+cases, input errors and determinism. Everything here runs on a CPU in seconds.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import pixel_infonce
+from kernels.layout import sort_pixels
+from kernels.tiled import tiled_pixel_infonce
+
+HAS_TRITON_CPU = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not HAS_TRITON_CPU, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weight=False,
+                clustered=False, ignore=True):
+    """Fresh random inputs: float64 feats (cast per test), labels with 255 and negative ignores."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    feats = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    if clustered:
+        # Pull pixels towards a per-class centre so that positives are similar: exercises e_ip near 1.
+        centres = torch.randn(num_classes, c, generator=gen, dtype=torch.float64)
+        feats = feats * 0.5 + 2.0 * centres[labels]
+    if ignore:
+        drop = torch.rand(n, generator=gen)
+        labels[drop < 0.08] = 255
+        labels[(drop >= 0.08) & (drop < 0.12)] = -1
+    kwargs = {}
+    if groups:
+        # Group ids independent of the labels, so that every class is split across groups and
+        # sorting by (group, label) matters (int32 on purpose).
+        kwargs["groups"] = torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int32)
+    if exclusive:
+        kwargs["exclusive"] = torch.rand(n, generator=gen) < 0.4
+    if weight:
+        kwargs["pos_weight"] = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    return feats, labels, kwargs, upstream
+
+
+def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
+    """Loss, feats gradient and pos_weight gradient (None without weights) of one implementation."""
+    f = feats.to(dtype).clone().requires_grad_()
+    kw = dict(kwargs)
+    u = None
+    if "pos_weight" in kw:
+        u = kw["pos_weight"].to(torch.float64 if dtype == torch.float64 else torch.float32)
+        u = u.clone().requires_grad_()
+        kw["pos_weight"] = u
+    loss = pixel_infonce(f, labels, temperature=temperature, impl=impl, **kw)
+    (loss * upstream.to(loss.dtype)).sum().backward()
+    return loss.detach(), f.grad, (u.grad if u is not None else None)
+
+
+def assert_matches(got, ref, *, rtol, atol_scale, what, atol_floor=0.0):
+    """Elementwise |got - ref| <= max(atol_scale * max|ref|, atol_floor) + rtol * |ref|."""
+    ref = ref.double()
+    atol = max(atol_scale * ref.abs().max().item() if ref.numel() else 0.0, atol_floor, 1e-12)
+    torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+# (N, C, classes, temperature, groups, exclusive, weight, clustered): N not a power of two,
+# C in {1, 3, 64, 130}, 1 to 19 classes, every temperature, every option on and off.
+CASES = [
+    (1, 3, 1, 0.1, False, False, False, False),
+    (2, 3, 1, 1.0, False, False, False, False),
+    (2, 1, 2, 0.07, False, False, True, False),
+    (17, 3, 2, 0.07, True, False, True, False),
+    (17, 64, 3, 0.1, False, True, False, True),
+    (63, 1, 4, 0.1, True, True, True, False),
+    (130, 130, 1, 0.07, False, False, True, True),
+    (300, 64, 19, 0.07, True, True, True, True),
+    (301, 130, 7, 0.1, False, True, False, False),
+    (257, 3, 19, 1.0, True, False, True, True),
+    (311, 64, 5, 1.0, False, False, False, True),
+    # Two classes of ~140 pixels: whole row blocks inside one class (the skipped diagonal).
+    (307, 3, 2, 0.1, False, True, True, False),
+]
+
+# Tolerances against a float64 reference. A float32 dot product of unit vectors is off by about
+# sqrt(C) * 6e-8 (< 1e-6 for C = 130); t = (s - 1) / tau scales that by 1 / tau (< 1.5e-5 at
+# tau = 0.07), exp and log carry it over as a relative / absolute error of the same size, and the
+# float32 sums over <= 300 terms add at most a few 1e-6 relative. A loss term log(e + Neg') - t is
+# a difference of two numbers of size up to 2 / tau, so it carries an absolute rounding error of
+# about 2 / tau * 6e-8 even when the loss itself is ~0. Hence: 1e-4 relative, plus an absolute
+# floor of 1e-6 / tau (~5x the bound above). Gradients are sums of terms of both signs that can
+# cancel: the same relative bound is taken against the largest entry of the reference. The shared
+# normalisation backward, (dv - v (v . dv)) / |f|, cancels to ~0 for C = 1 (v = sign(f)) and leaves
+# float32 rounding of about 6e-8 |dv| / |f| with |dv| = O(1 / tau): a floor of 1e-6 / (tau min|f|).
+def loss_tol(tau):
+    return dict(rtol=1e-4, atol_scale=1e-5, atol_floor=1e-6 / tau)
+
+
+def grad_tol(tau, feats=None):
+    min_norm = feats.norm(dim=1).min().item() if feats is not None and feats.numel() else 1.0
+    return dict(rtol=1e-3, atol_scale=1e-4, atol_floor=1e-6 / (tau * min(min_norm, 1.0)))
+
+
+def _case_id(case):
+    n, c, k, tau, grp, excl, w, clu = case
+    flags = "".join(ch for ch, on in zip("gewc", (grp, excl, w, clu)) if on)
+    return f"N{n}-C{c}-K{k}-tau{tau}-{flags or 'plain'}"
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(impl, case):
+    n, c, k, tau, grp, excl, w, clu = case
+    feats, labels, kwargs, upstream = make_inputs(n, c, k, seed=hash(case) % 2**31, groups=grp,
+                                                  exclusive=excl, weight=w, clustered=clu)
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    assert got[0].dtype == torch.float32 and got[0].shape == (n,)
+    assert_matches(got[0], ref[0], what="loss", **loss_tol(tau))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+    if w:
+        assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    # The case must not be trivial: with negatives around, some loss and gradient are non-zero
+    # (for C = 1, v = sign(f) and the feats gradient is identically zero).
+    if n >= 17 and k > 1:
+        assert ref[0].abs().max() > 1e-6
+        assert ref[1].abs().max() > 1e-8 if c > 1 else ref[2].abs().max() > 1e-6
+
+
+def test_reference_matches_double_loop():
+    """The reference against Eq. 2 written pair by pair with Python floats (no shift, no masks)."""
+    n, c, tau = 13, 4, 0.3
+    feats, labels, kwargs, _ = make_inputs(n, c, 3, seed=7, groups=True, exclusive=True, weight=True)
+    v = feats / feats.norm(dim=1, keepdim=True)
+    lab, grp = labels.tolist(), kwargs["groups"].tolist()
+    exc, u = kwargs["exclusive"].tolist(), kwargs["pos_weight"].tolist()
+    s = [[sum(v[i, k].item() * v[j, k].item() for k in range(c)) / tau for j in range(n)]
+         for i in range(n)]
+
+    def valid(i):
+        return lab[i] >= 0 and lab[i] != 255
+
+    def eligible(i, j):
+        return (i != j and valid(i) and valid(j) and grp[i] == grp[j]
+                and not (exc[i] and exc[j]))
+
+    expected = []
+    for i in range(n):
+        pos = [j for j in range(n) if eligible(i, j) and lab[j] == lab[i]]
+        neg_sum = sum(math.exp(s[i][j]) for j in range(n) if eligible(i, j) and lab[j] != lab[i])
+        expected.append(sum(u[p] * (math.log(math.exp(s[i][p]) + neg_sum) - s[i][p]) for p in pos)
+                        / len(pos) if pos else 0.0)
+    got = pixel_infonce(feats, labels, temperature=tau, impl="reference", **kwargs)
+    assert sum(e != 0.0 for e in expected) >= 3  # the draw has anchors with positives
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch"])
+def test_gradcheck_float64(impl):
+    feats, labels, kwargs, _ = make_inputs(14, 5, 3, seed=11, groups=True, exclusive=True,
+                                           weight=True, clustered=True)
+    groups, exclusive = kwargs["groups"], kwargs["exclusive"]
+
+    def fn(f, u):
+        return pixel_infonce(f, labels, temperature=0.5, groups=groups, exclusive=exclusive,
+                             pos_weight=u, impl=impl)
+
+    f = feats.clone().requires_grad_()
+    u = kwargs["pos_weight"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(fn, (f, u), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_tiled_small_blocks():
+    """The tiled Function itself, with row blocks that cut through classes and groups."""
+    feats, labels, kwargs, _ = make_inputs(23, 4, 3, seed=5, groups=True, exclusive=True,
+                                           weight=True)
+    layout = sort_pixels(labels, groups=kwargs["groups"], exclusive=kwargs["exclusive"])
+    v = torch.nn.functional.normalize(feats[layout.index], dim=1).requires_grad_()
+    u = kwargs["pos_weight"][layout.index].clone().requires_grad_()
+
+    def fn(v_, u_):
+        return tiled_pixel_infonce(v_, layout, inv_tau=3.0, pos_weight=u_, block_rows=4)
+
+    assert torch.autograd.gradcheck(fn, (v, u), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64])
+def test_tiled_block_size_does_not_change_result(block_rows):
+    feats, labels, kwargs, upstream = make_inputs(150, 8, 6, seed=3, groups=True, exclusive=True,
+                                                  weight=True)
+    layout = sort_pixels(labels, groups=kwargs["groups"], exclusive=kwargs["exclusive"])
+    v = torch.nn.functional.normalize(feats[layout.index].float(), dim=1)
+    u = kwargs["pos_weight"][layout.index].float()
+    outs = []
+    for rows in (block_rows, 1000):
+        v_, u_ = v.clone().requires_grad_(), u.clone().requires_grad_()
+        loss = tiled_pixel_infonce(v_, layout, inv_tau=10.0, pos_weight=u_, block_rows=rows)
+        (loss * upstream[layout.index].float()).sum().backward()
+        outs.append((loss.detach(), v_.grad, u_.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("blocks, classes", [((16, 16, 16, 16), 5), ((16, 32, 16, 64), 2),
+                                             ((32, 64, 16, 32), 5)])
+def test_triton_block_sizes(blocks, classes):
+    """Small tiles: many row blocks, several channel chunks and gradient channel programs; with two
+    classes, row blocks that lie inside one class (pass 1 skips their class columns)."""
+    from kernels.triton_infonce import TritonConfig, triton_pixel_infonce
+
+    bm, bn, bc, bd = blocks
+    feats, labels, kwargs, upstream = make_inputs(201, 70, classes, seed=13, groups=True,
+                                                  exclusive=True, weight=True, clustered=True)
+    layout = sort_pixels(labels, groups=kwargs["groups"], exclusive=kwargs["exclusive"])
+    v = torch.nn.functional.normalize(feats[layout.index], dim=1)
+    u = kwargs["pos_weight"][layout.index]
+    g = upstream[layout.index]
+    ref_v, ref_u = v.clone().requires_grad_(), u.clone().requires_grad_()
+    ref = tiled_pixel_infonce(ref_v, layout, inv_tau=10.0, pos_weight=ref_u)
+    (ref * g).sum().backward()
+    v32, u32 = v.float().requires_grad_(), u.float().requires_grad_()
+    cfg = TritonConfig(block_m=bm, block_n=bn, block_c=bc, block_d=bd)
+    loss = triton_pixel_infonce(v32, layout, inv_tau=10.0, pos_weight=u32, config=cfg)
+    (loss * g.float()).sum().backward()
+    assert_matches(loss, ref, what="loss", **loss_tol(0.1))
+    assert_matches(v32.grad, ref_v.grad, what="v grad", **grad_tol(0.1))
+    assert_matches(u32.grad, ref_u.grad, what="u grad", **grad_tol(0.1))
+
+
+@needs_triton
+def test_triton_float16_interpreter():
+    """float16 inputs: v is rounded to float16 (2**-11 relative), so s moves by ~1e-3 and
+    t = (s - 1) / tau by ~1e-2 at tau = 0.1; the loss (an average of log terms) moves by that much."""
+    feats, labels, kwargs, upstream = make_inputs(150, 32, 4, seed=17, weight=True)
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=0.1)
+    got = evaluate("triton", feats, labels, kwargs, upstream, dtype=torch.float16, temperature=0.1)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
+    assert_matches(got[0], ref[0], rtol=0.0, atol_scale=3e-3, what="loss")
+    rel = (got[1].double() - ref[1]).norm() / ref[1].norm()
+    assert rel < 3e-2, f"float16 feats grad relative error {rel:.3g}"
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+IMPLS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
+
+
+def _loss_and_grad(impl, feats, labels, **kwargs):
+    f = feats.clone().requires_grad_()
+    loss = pixel_infonce(f, labels, temperature=0.07, impl=impl, **kwargs)
+    (loss * torch.rand(loss.shape[0])).sum().backward()
+    return loss, f.grad
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_input(impl):
+    loss, grad = _loss_and_grad(impl, torch.randn(0, 8), torch.zeros(0, dtype=torch.long))
+    assert loss.shape == (0,) and loss.dtype == torch.float32
+    assert grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_ignored(impl):
+    labels = torch.full((37,), 255)
+    labels[::3] = -4
+    loss, grad = _loss_and_grad(impl, torch.randn(37, 5), labels)
+    assert torch.equal(loss, torch.zeros(37)) and torch.equal(grad, torch.zeros(37, 5))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_anchor_with_a_positive(impl):
+    # Every valid label unique, or a class whose only other member is exclusive like the anchor.
+    labels = torch.randperm(40)
+    labels[5] = 255
+    exclusive = torch.zeros(40, dtype=torch.bool)
+    labels[7], exclusive[[7, 8]] = labels[8], True
+    loss, grad = _loss_and_grad(impl, torch.randn(40, 6), labels, exclusive=exclusive)
+    assert torch.equal(loss, torch.zeros(40)) and torch.equal(grad, torch.zeros(40, 6))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignored_pixels_get_zero_loss_and_gradient(impl):
+    feats, labels, _, _ = make_inputs(60, 7, 3, seed=21)
+    loss, grad = _loss_and_grad(impl, feats.float(), labels)
+    invalid = (labels < 0) | (labels == 255)
+    assert invalid.any() and (loss[~invalid] != 0).any()
+    assert torch.all(loss[invalid] == 0) and torch.all(grad[invalid] == 0)
+    # Removing the ignored pixels changes nothing for the others.
+    loss_valid = pixel_infonce(feats.float()[~invalid], labels[~invalid], temperature=0.07, impl=impl)
+    torch.testing.assert_close(loss[~invalid], loss_valid, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_feature_row_and_small_temperature_stay_finite(impl):
+    feats = torch.randn(50, 4)
+    feats[3] = 0.0  # normalises to the zero vector (norm clamped at 1e-12, gradient 1e12 * dv_3)
+    labels = torch.randint(0, 3, (50,))
+    for tau in (0.07, 0.03):
+        f = feats.clone().requires_grad_()
+        loss = pixel_infonce(f, labels, temperature=tau, impl=impl)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(f.grad).all()
+        assert (loss != 0).any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    feats, labels, kwargs, _ = make_inputs(90, 12, 4, seed=9, groups=True, weight=True)
+    feats = feats.float()
+    expected = pixel_infonce(feats, labels, temperature=0.1, impl=impl, **kwargs)
+    transposed = feats.t().contiguous().t()  # (N, C) view of a (C, N) buffer
+    assert not transposed.is_contiguous()
+    got = pixel_infonce(transposed, labels, temperature=0.1, impl=impl, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # Strided slices of everything.
+    wide = torch.randn(90, 24)
+    wide[:, ::2] = feats
+    lab2 = torch.stack([labels, labels], 1)
+    grp2 = torch.stack([kwargs["groups"]] * 2, 1)
+    w2 = torch.stack([kwargs["pos_weight"]] * 2, 1)
+    got = pixel_infonce(wide[:, ::2], lab2[:, 0], temperature=0.1, groups=grp2[:, 1],
+                        pos_weight=w2[:, 0], impl=impl)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_label_dtypes_and_ignore_index():
+    feats, labels, _, _ = make_inputs(80, 6, 5, seed=4)
+    feats = feats.float()
+    labels[labels < 0] = 255
+    expected = pixel_infonce(feats, labels, temperature=0.1, impl="torch")
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        got = pixel_infonce(feats, labels.to(dtype), temperature=0.1, impl="torch")
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # A different ignore index: 255 becomes an ordinary class, 2 is ignored.
+    got = pixel_infonce(feats, labels, temperature=0.1, ignore_index=2, impl="torch")
+    ref = pixel_infonce(feats, labels, temperature=0.1, ignore_index=2, impl="reference")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert torch.all(got[labels == 2] == 0) and (got[labels == 255] != 0).any()
+
+
+def test_auto_is_torch_on_cpu():
+    feats, labels, kwargs, _ = make_inputs(70, 5, 3, seed=8, groups=True, weight=True)
+    a = pixel_infonce(feats.float(), labels, temperature=0.2, impl="auto", **kwargs)
+    b = pixel_infonce(feats.float(), labels, temperature=0.2, impl="torch", **kwargs)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_deterministic_gradients(impl):
+    feats, labels, kwargs, upstream = make_inputs(180, 16, 6, seed=12, groups=True, exclusive=True,
+                                                  weight=True)
+    runs = [evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=0.1)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- input errors -----------------------------------------------------------------------------
+
+def _good():
+    return dict(feats=torch.randn(10, 4), labels=torch.randint(0, 3, (10,)), temperature=0.1)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (dict(feats=torch.randn(10)), ValueError, "feats"),
+    (dict(feats=torch.randn(10, 4, 1)), ValueError, "feats"),
+    (dict(feats=torch.randn(10, 0)), ValueError, "feats"),
+    (dict(feats=torch.randint(0, 3, (10, 4))), TypeError, "feats"),
+    (dict(feats=[[0.5] * 4] * 10), TypeError, "feats"),
+    (dict(labels=torch.randint(0, 3, (10, 1))), ValueError, "labels"),
+    (dict(labels=torch.randint(0, 3, (9,))), ValueError, "labels"),
+    (dict(labels=torch.rand(10)), TypeError, "labels"),
+    (dict(labels=torch.rand(10) > 0.5), TypeError, "labels"),
+    (dict(groups=torch.randint(0, 2, (11,))), ValueError, "groups"),
+    (dict(groups=torch.rand(10)), TypeError, "groups"),
+    (dict(exclusive=torch.randint(0, 2, (10,))), TypeError, "exclusive"),
+    (dict(exclusive=torch.rand(3) > 0.5), ValueError, "exclusive"),
+    (dict(pos_weight=torch.randint(1, 3, (10,))), TypeError, "pos_weight"),
+    (dict(pos_weight=torch.rand(10, 1)), ValueError, "pos_weight"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=-0.5), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="0.1"), TypeError, "temperature"),
+    (dict(ignore_index=255.0), TypeError, "ignore_index"),
+    (dict(impl="cuda"), ValueError, "impl"),
+])
+def test_input_errors(change, error, words):
+    args = _good()
+    args.update(change)
+    feats, labels = args.pop("feats"), args.pop("labels")
+    with pytest.raises(error, match=words):
+        pixel_infonce(feats, labels, **args)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_feats(bad):
+    feats = torch.randn(10, 4)
+    feats[4, 2] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        pixel_infonce(feats, torch.randint(0, 3, (10,)), temperature=0.1)
+
+
+def test_device_mismatch():
+    meta = torch.device("meta")  # a second device that needs no hardware
+    args = _good()
+    for name, value in (("labels", args["labels"].to(meta)),
+                        ("groups", torch.zeros(10, dtype=torch.long, device=meta)),
+                        ("pos_weight", torch.rand(10, device=meta))):
+        kwargs = {} if name == "labels" else {name: value}
+        labels = value if name == "labels" else args["labels"]
+        with pytest.raises(ValueError, match=f"{name} is on meta"):
+            pixel_infonce(args["feats"], labels, temperature=0.1, **kwargs)
+
+
+def test_triton_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = _good()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        pixel_infonce(args["feats"], args["labels"], temperature=0.1, impl="triton")
+
+
+@needs_triton
+def test_triton_rejects_float64_and_cpu_bfloat16():
+    args = _good()
+    with pytest.raises(TypeError, match="float64"):
+        pixel_infonce(args["feats"].double(), args["labels"], temperature=0.1, impl="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(TypeError, match="bfloat16"):
+            pixel_infonce(args["feats"].bfloat16(), args["labels"], temperature=0.1, impl="triton")

@@ -1,0 +1,89 @@
+"""GPU checks of the fused Triton kernels (skipped without CUDA): float16 / bfloat16 / float32
+against a float64 reference, a large N against the tiled torch path, memory, determinism.
+"""
+import pytest
+import torch
+
+from kernels import pixel_infonce
+from test_pixel_infonce import evaluate, grad_tol, loss_tol, make_inputs, assert_matches
+
+pytestmark = pytest.mark.gpu
+
+# Relative-norm tolerances for half inputs. v is rounded to the input dtype after normalisation
+# (2**-11 relative for float16, 2**-8 for bfloat16), which moves s by up to ~1e-3 / 8e-3 and
+# t = (s - 1) / tau by that over tau; on this test's draw (the tiled path fed the same rounded v,
+# a CPU emulation) that gave relative-norm errors of at most 9e-4 (float16) and 9e-3 (bfloat16) in
+# the loss and both gradients for tau in {0.07, 0.1, 1}. The bounds are ~4x those.
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 4e-2}
+
+
+def _to_cuda(feats, labels, kwargs, upstream):
+    return (feats.cuda(), labels.cuda(), {k: v.cuda() for k, v in kwargs.items()}, upstream.cuda())
+
+
+def _rel(got, ref):
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("tau", [0.07, 0.1, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_triton_matches_reference_on_gpu(dtype, tau):
+    inputs = _to_cuda(*make_inputs(3001, 64, 19, seed=31, groups=True, exclusive=True,
+                                   weight=True, clustered=True))
+    feats, labels, kwargs, upstream = inputs
+    feats = feats.to(dtype).double()  # the reference sees exactly the rounded input
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate("triton", feats, labels, kwargs, upstream, dtype=dtype, temperature=tau)
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    if dtype == torch.float32:
+        assert_matches(got[0], ref[0], what="loss", **loss_tol(tau))
+        assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+        assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    else:
+        for name, a, b in zip(("loss", "feats grad", "pos_weight grad"), got, ref):
+            assert _rel(a, b) < HALF_TOL[dtype], f"{dtype} {name}: relative error {_rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_triton_large_n_against_tiled_torch(dtype):
+    n = 65_536 + 123
+    feats, labels, kwargs, upstream = _to_cuda(*make_inputs(n, 64, 19, seed=5, groups=True,
+                                                            weight=True, clustered=True))
+    feats = feats.to(dtype)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = evaluate("triton", feats, labels, kwargs, upstream, dtype=dtype, temperature=0.1)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    # O(N * C) buffers only; one N x N float32 matrix would be 17 GB.
+    assert growth < 256 * 2**20, f"peak growth {growth / 2**20:.0f} MiB"
+    # The tiled path in float32 on the same rounded input (the rounding of v is the difference).
+    ref = evaluate("torch", feats.double(), labels, kwargs, upstream, dtype=torch.float32,
+                   temperature=0.1)
+    for name, a, b in zip(("loss", "feats grad", "pos_weight grad"), got, ref):
+        assert torch.isfinite(a).all()
+        assert _rel(a, b) < HALF_TOL[dtype], f"{dtype} {name}: relative error {_rel(a, b):.3g}"
+
+
+def test_triton_deterministic_and_auto_on_gpu():
+    inputs = _to_cuda(*make_inputs(20_000, 64, 19, seed=8, groups=True, exclusive=True,
+                                   weight=True))
+    feats, labels, kwargs, upstream = inputs
+    runs = [evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float16, temperature=0.1)
+            for impl in ("triton", "triton", "auto")]
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_triton_no_positive_and_empty_on_gpu():
+    feats = torch.randn(500, 32, device="cuda", dtype=torch.float16, requires_grad=True)
+    labels = torch.randperm(500, device="cuda")  # every label unique: no positive anywhere
+    loss = pixel_infonce(feats, labels, temperature=0.1, impl="triton")
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(feats.grad, torch.zeros_like(feats))
+    empty = torch.randn(0, 32, device="cuda", requires_grad=True)
+    loss = pixel_infonce(empty, torch.zeros(0, dtype=torch.long, device="cuda"), temperature=0.1)
+    loss.sum().backward()
+    assert loss.shape == (0,) and empty.grad.shape == (0, 32)
