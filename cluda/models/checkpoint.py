@@ -52,7 +52,10 @@ def read_state_dict(
             # weights_only: a checkpoint is data, never code to run.
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"could not read checkpoint {path!r}: {type(err).__name__}: {err}") from err
+        raise ValueError(
+            f"could not read checkpoint {path!r} (read with torch.load(weights_only=True): tensors and plain "
+            f"containers only): {type(err).__name__}: {err}"
+        ) from err
 
     for key in _WRAPPER_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
