@@ -24,45 +24,49 @@ import torch
 from kernels.layout import SortedPixels
 
 # Elements of one (rows x columns) block: a handful of float32 / bool temporaries of this size
-# are alive at once, about 100 MiB in all.
+# (16 MiB per float32 one) are alive at once.
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
 
 def _row_blocks(layout: SortedPixels, block_rows: int) -> Iterator[Tuple[int, int, int, int, int, int]]:
-    """Yield (r0, r1, g0, g1, p0, p1): a block of rows, its group column range and class range."""
+    """Yield (r0, r1, g0, g1, p0, p1): a block of rows inside one group, the group's columns
+    [g0, g1) and the class columns [p0, p1) of the block's rows (the only ones with positives)."""
     n = layout.num_rows
     gs, ge = layout.group_start.tolist(), layout.group_end.tolist()
     cs, ce = layout.class_start.tolist(), layout.class_end.tolist()
-    for r0 in range(0, n, block_rows):
-        r1 = min(r0 + block_rows, n)
-        # Rows are sorted, so the first row has the smallest starts and the last the largest ends.
-        yield r0, r1, gs[r0], ge[r1 - 1], cs[r0], ce[r1 - 1]
+    g0 = 0
+    while g0 < n:
+        g1 = ge[g0]
+        for r0 in range(g0, g1, block_rows):
+            r1 = min(r0 + block_rows, g1)
+            # Rows are sorted, so the first row has the smallest class start, the last the largest end.
+            yield r0, r1, g0, g1, cs[r0], ce[r1 - 1]
+        g0 = g1
 
 
-class _BlockMasks:
-    """Pair masks of rows [r0, r1) against columns [c0, c1), from the sorted ranges."""
+class _Block:
+    """Similarities and pair masks of rows [r0, r1) against their group's columns [g0, g1).
 
-    def __init__(self, layout: SortedPixels, r0: int, r1: int, c0: int, c1: int):
-        device = layout.index.device
-        rows = torch.arange(r0, r1, device=device)[:, None]  # (B, 1)
-        cols = torch.arange(c0, c1, device=device)[None, :]  # (1, W)
-        in_class = (cols >= layout.class_start[r0:r1, None]) & (cols < layout.class_end[r0:r1, None])
-        in_group = (cols >= layout.group_start[r0:r1, None]) & (cols < layout.group_end[r0:r1, None])
-        both_excl = None
+    Every column of the group is a partner of every row except (a) the rows' own class columns,
+    which lie in [p0, p1) and hold the positives and the row itself, and (b) pairs of two exclusive
+    pixels. So only the (B, p1 - p0) class window needs a label mask.
+    """
+
+    def __init__(self, v, layout: SortedPixels, inv_tau: float, r0, r1, g0, g1, p0, p1):
+        device = v.device
+        self.t = v[r0:r1] @ v[g0:g1].t()  # (B, W)
+        self.t.sub_(1.0).mul_(inv_tau)  # t = s - 1/tau in [-2/tau, 0]
+        self.e = torch.exp(self.t)  # (B, W), in [exp(-2/tau), 1]
+        self.both_excl = None
         if layout.exclusive is not None:
-            both_excl = layout.exclusive[r0:r1, None] & layout.exclusive[None, c0:c1]
-        self.pos = in_class & (cols != rows)  # (B, W)
-        self.neg = in_group & ~in_class  # (B, W)
-        if both_excl is not None:
-            self.pos &= ~both_excl
-            self.neg &= ~both_excl
-
-
-def _shifted_similarity(v: torch.Tensor, r0: int, r1: int, c0: int, c1: int, inv_tau: float):
-    """t = (v_i . v_j - 1) / tau and e = exp(t) for rows [r0, r1) x columns [c0, c1): (B, W) each."""
-    t = v[r0:r1] @ v[c0:c1].t()
-    t.sub_(1.0).mul_(inv_tau)
-    return t, torch.exp(t)
+            self.both_excl = layout.exclusive[r0:r1, None] & layout.exclusive[None, g0:g1]  # (B, W)
+        self.win = slice(p0 - g0, p1 - g0)  # the class window inside [g0, g1)
+        rows = torch.arange(r0, r1, device=device)[:, None]  # (B, 1)
+        cols = torch.arange(p0, p1, device=device)[None, :]  # (1, Wp)
+        self.in_class = (cols >= layout.class_start[r0:r1, None]) & (cols < layout.class_end[r0:r1, None])
+        self.pos = self.in_class & (cols != rows)  # (B, Wp)
+        if self.both_excl is not None:
+            self.pos &= ~self.both_excl[:, self.win]
 
 
 class TiledPixelInfoNCE(torch.autograd.Function):
@@ -76,19 +80,21 @@ class TiledPixelInfoNCE(torch.autograd.Function):
         neg_sum = v.new_zeros(n)
         loss = v.new_zeros(n)
         r_stat = v.new_zeros(n)
-        num_pos = layout.num_pos.to(v.dtype)
         for r0, r1, g0, g1, p0, p1 in _row_blocks(layout, block_rows):
-            t, e = _shifted_similarity(v, r0, r1, g0, g1, inv_tau)  # (B, W)
-            masks = _BlockMasks(layout, r0, r1, g0, g1)
-            neg_blk = torch.where(masks.neg, e, 0.0).sum(1)  # (B,)
+            blk = _Block(v, layout, inv_tau, r0, r1, g0, g1, p0, p1)
+            e_ok = blk.e if blk.both_excl is None else blk.e.masked_fill(blk.both_excl, 0.0)
+            win = blk.win
+            # Negatives: the group's columns outside the class window, plus the window's columns
+            # of other classes.
+            neg_blk = (e_ok[:, :win.start].sum(1) + e_ok[:, win.stop:].sum(1)
+                       + e_ok[:, win].masked_fill(blk.in_class, 0.0).sum(1))  # (B,)
             neg_sum[r0:r1] = neg_blk
-            # Positives live in the class columns [p0, p1) only.
-            sub = slice(p0 - g0, p1 - g0)
-            t_p, e_p, pos = t[:, sub], e[:, sub], masks.pos[:, sub]
+            t_p, e_p = blk.t[:, win], blk.e[:, win]  # (B, Wp)
             denom = (e_p + neg_blk[:, None]).clamp_min(tiny)
             w = u[None, p0:p1] if u is not None else 1.0
-            loss[r0:r1] = torch.where(pos, w * (torch.log(denom) - t_p), 0.0).sum(1)
-            r_stat[r0:r1] = torch.where(pos, w / denom, 0.0).sum(1)
+            loss[r0:r1] = torch.where(blk.pos, w * (torch.log(denom) - t_p), 0.0).sum(1)
+            r_stat[r0:r1] = torch.where(blk.pos, w / denom, 0.0).sum(1)
+        num_pos = layout.num_pos.to(v.dtype)
         scale = torch.where(num_pos > 0, 1.0 / num_pos.clamp_min(1.0), 0.0)
         loss.mul_(scale)
         r_stat.mul_(scale)
@@ -108,25 +114,26 @@ class TiledPixelInfoNCE(torch.autograd.Function):
         b = g * r_stat  # (n,) g_i R'_i (R' is 0 for rows without positives)
         dv = torch.zeros_like(v)
         du = torch.zeros_like(u) if need_du else None
-        ones = v.new_ones(v.shape[0])
-        w = u if u is not None else ones
+        w = u if u is not None else v.new_ones(v.shape[0])
         for r0, r1, g0, g1, p0, p1 in _row_blocks(layout, ctx.block_rows):
-            t, e = _shifted_similarity(v, r0, r1, g0, g1, inv_tau)  # (B, W)
-            masks = _BlockMasks(layout, r0, r1, g0, g1)
-            # Negative pairs: G_ij + G_ji = (b_i + b_j) e_ij.
-            h = torch.where(masks.neg, e * (b[r0:r1, None] + b[None, g0:g1]), 0.0)
-            sub = slice(p0 - g0, p1 - g0)
-            t_p, e_p, pos = t[:, sub], e[:, sub], masks.pos[:, sub]
+            blk = _Block(v, layout, inv_tau, r0, r1, g0, g1, p0, p1)
+            win = blk.win
+            # Negative pairs: H_ij = G_ij + G_ji = (b_i + b_j) e_ij; set for every column first,
+            # then the class window is overwritten and exclusive pairs are cleared.
+            h = blk.e * (b[r0:r1, None] + b[None, g0:g1])  # (B, W)
+            t_p, e_p = blk.t[:, win], blk.e[:, win]  # (B, Wp)
             n_i, n_j = neg_sum[r0:r1, None], neg_sum[None, p0:p1]
-            d_i = (e_p + n_i).clamp_min(tiny)
-            d_j = (e_p + n_j).clamp_min(tiny)
+            d_i = (e_p + n_i).clamp_min(tiny)  # e_ij + Neg'_i
+            d_j = (e_p + n_j).clamp_min(tiny)  # e_ij + Neg'_j
             # Positive pairs: e/(e + Neg') - 1 = -Neg'/(e + Neg') for both orientations.
-            h_pos = (a[r0:r1, None] * w[None, p0:p1] * n_i / d_i
-                     + a[None, p0:p1] * w[r0:r1, None] * n_j / d_j)
-            h[:, sub] -= torch.where(pos, h_pos, 0.0)
+            h_pos = -(a[r0:r1, None] * w[None, p0:p1] * n_i / d_i
+                      + a[None, p0:p1] * w[r0:r1, None] * n_j / d_j)
+            h[:, win] = torch.where(blk.in_class, torch.where(blk.pos, h_pos, 0.0), h[:, win])
+            if blk.both_excl is not None:
+                h.masked_fill_(blk.both_excl, 0.0)
             dv[r0:r1] = (h @ v[g0:g1]) * inv_tau
             if need_du:
-                du[r0:r1] = torch.where(pos, a[None, p0:p1] * (torch.log(d_j) - t_p), 0.0).sum(1)
+                du[r0:r1] = torch.where(blk.pos, a[None, p0:p1] * (torch.log(d_j) - t_p), 0.0).sum(1)
         return dv, du, None, None, None
 
 
