@@ -1,0 +1,188 @@
+"""Reading and writing the image and label files of the segmentation data sets.
+
+Every reader names the file in its error, fully decodes it (so a truncated file fails here, not
+later in a worker) and returns numpy arrays:
+
+- `read_image`: (H, W, 3) uint8 RGB.
+- `read_label`: (H, W) integer ids as stored, 8- or 16-bit. For multi-channel 16-bit PNGs
+  (SYNTHIA's `GT/LABELS/*.png`: class id in the first channel, instance id in the second) the
+  first channel is returned. Pillow decodes 16-bit RGB / RGBA PNGs to 8 bits by keeping the high
+  byte of each sample, which would turn every SYNTHIA class id (< 256) into 0; `read_label` decodes
+  such files twice, once keeping the high and once the low byte, and recombines them.
+- `write_png_atomic`: 8-bit PNG through a temporary file and `os.replace`, so that an interrupted
+  writer never leaves a half-written file under the final name.
+- `write_png16`: a plain 16-bit PNG encoder (grey, grey + alpha, RGB, RGBA), which Pillow lacks for
+  more than one channel; it is how tests (and users) make SYNTHIA-like label files.
+"""
+import os
+import struct
+import tempfile
+import zlib
+
+import numpy as np
+from PIL import Image
+
+# Pillow rawmodes that read the *low* byte of each big-endian 16-bit sample: the "...;16L"
+# unpackers take the second byte of each pair, which for PNG's big-endian data is the low byte.
+_LOW_BYTE_RAWMODE = {"RGB;16B": "RGB;16L", "RGBA;16B": "RGBA;16L"}
+
+
+def _open(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError ... for bad files
+        raise ValueError(f"cannot read {what} file {path}: {e}") from e
+    return img
+
+
+def read_image(path):
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    Args:
+        path: image file (PNG, JPEG ... anything Pillow reads).
+    """
+    img = _open(path, "image")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _read_wide_png(path, img):
+    """Full 16-bit first channel of a 16-bit RGB / RGBA PNG that Pillow opened with 8 bits."""
+    high = np.asarray(img)[..., 0].astype(np.uint16)
+    low_img = Image.open(path)
+    tiles = list(low_img.tile)
+    rawmode = tiles[0].args if tiles and isinstance(tiles[0].args, str) else None
+    if rawmode not in _LOW_BYTE_RAWMODE or any(t.args != rawmode for t in tiles):
+        raise ValueError(f"cannot read 16-bit label file {path}: unsupported PNG layout "
+                         f"{[t.args for t in tiles]}")
+    low_img.tile = [t._replace(args=_LOW_BYTE_RAWMODE[rawmode]) for t in tiles]
+    try:
+        low_img.load()
+    except Exception as e:
+        raise ValueError(f"cannot read label file {path}: {e}") from e
+    low = np.asarray(low_img)[..., 0].astype(np.uint16)
+    return (high << 8) | low
+
+
+def read_label(path):
+    """Read a label file as (H, W) integer ids (uint8 for 8-bit files, uint16 for 16-bit ones).
+
+    Palette ("P") PNGs, like GTA5's labels, give their palette indices, which are the label ids.
+    Multi-channel files give their first channel: this is SYNTHIA's layout (class id first), and
+    for 8-bit colour files it is refused, because a colourised label is not an id map.
+
+    Args:
+        path: label file.
+    """
+    img = _open(path, "label")
+    mode = img.mode
+    if mode in ("L", "P"):
+        return np.asarray(img)
+    if mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(img).astype(np.uint16)
+    if mode == "I":
+        arr = np.asarray(img)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ValueError(f"label file {path} holds ids outside [0, 65535]")
+        return arr.astype(np.uint16)
+    if mode in ("RGB", "RGBA") and _png_bit_depth(path) == 16:
+        return _read_wide_png(path, img)
+    raise ValueError(f"label file {path} has mode {mode}: expected a single-channel id map "
+                     f"(8-bit, 16-bit or palette) or a 16-bit multi-channel PNG (SYNTHIA)")
+
+
+def _png_bit_depth(path):
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24]
+
+
+def write_png_atomic(path, array):
+    """Write an (H, W) uint8 or (H, W, 3) uint8 array as a PNG under `path` atomically.
+
+    The data go to a hidden temporary file in the same folder, which is then renamed over `path`,
+    so readers see either the old file or the complete new one.
+
+    Args:
+        path: destination file (its folder must exist).
+        array: uint8 array, (H, W) grey or (H, W, 3) RGB.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise TypeError(f"write_png_atomic takes (H, W) or (H, W, 3) uint8, got {array.dtype} "
+                        f"{array.shape} for {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_png16(path, array, *, filters=(0,)):
+    """Write a 16-bit PNG (what Pillow cannot do for more than one channel).
+
+    Args:
+        path: destination file.
+        array: (H, W) or (H, W, C) integer array with values in [0, 65535], C in 1..4
+            (grey, grey + alpha, RGB, RGBA).
+        filters: PNG row filter types (0 none, 1 sub, 2 up, 3 average, 4 paeth) used in turn, row
+            by row; real encoders mix them, and a reader must undo each one.
+    """
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() > 65535:
+        raise ValueError(f"write_png16 takes integers in [0, 65535], got {array.dtype} for {path}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    h, w, c = array.shape
+    if c not in (1, 2, 3, 4):
+        raise ValueError(f"write_png16 takes 1 to 4 channels, got {c} for {path}")
+    if any(f not in (0, 1, 2, 3, 4) for f in filters) or not filters:
+        raise ValueError(f"PNG filter types are 0..4, got {filters}")
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = array.astype(">u2").reshape(h, w * c).view(np.uint8).reshape(h, w * c * 2)
+    rows = rows.astype(np.int32)
+    bpp = 2 * c  # bytes per pixel: the distance the sub / average / paeth filters look back
+    out = bytearray()
+    prev = np.zeros(rows.shape[1], np.int32)
+    for y in range(h):
+        ftype = filters[y % len(filters)]
+        cur = rows[y]
+        left = np.concatenate([np.zeros(bpp, np.int32), cur[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), prev[:-bpp]])
+        if ftype == 0:
+            enc = cur
+        elif ftype == 1:
+            enc = cur - left
+        elif ftype == 2:
+            enc = cur - prev
+        elif ftype == 3:
+            enc = cur - (left + prev) // 2
+        else:
+            p = left + prev - upleft
+            pa, pb, pc = np.abs(p - left), np.abs(p - prev), np.abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+            enc = cur - pred
+        out.append(ftype)
+        out += (enc % 256).astype(np.uint8).tobytes()
+        prev = cur
+
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                + chunk(b"IDAT", zlib.compress(bytes(out))) + chunk(b"IEND", b""))
