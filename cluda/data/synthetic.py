@@ -17,11 +17,19 @@ One scene is a layout, drawn once, and two renderings of it:
    classes keep their typical sizes, shapes and places. Each drawn part gets an instance (a random
    shade) and possibly a detail code (window, tyre, lamp, skin ...), which changes the colour but
    not the class.
-2. `render(layout, domain)`: instance colours from the domain's palette (several swatches per
-   class and a random shade per instance, so colour alone is not a perfect cue in either domain;
-   vehicles and clothes share one palette across classes), details; the target look adds per-class
-   texture noise, a lighting gradient and vignetting, haze near the horizon, a colour cast, blur and
+2. `render(layout, domain)`: instance colours (several swatches per class and a random shade
+   per instance, so colour alone is not a perfect cue in either domain; vehicles and clothes
+   share one palette across classes), details; the target look moves the colours halfway from
+   the game palette to a muted camera palette (`Look.palette` = 0.5) and adds per-class texture
+   noise, a lighting gradient and vignetting, haze near the horizon, a colour cast, blur and
    sensor noise.
+
+The size of the gap was set with a small CNN trained on 300 source scenes at 128 x 256 (400
+iterations, batch 8, this 2-core CPU): 44 mIoU on source val, 39 / 28 / 24 / 21 / 9 on target val
+for `Look.palette` 0 / 0.4 / 0.5 / 0.6 / 1; the effects other than colour cost only ~4 points, the
+palette shift is the gap. At 0.5 a plain DACS-style self-training (ClassMix, confidence-weighted
+pseudo-labels, colour jitter and blur) continued from that model reached 32 after 600 more
+iterations, where source-only training reached 29.
 
 The labels of the two renderings are the same array; only the appearance changes, so the
 domain gap is an appearance gap that a model trained on the source look partly fails on and that
