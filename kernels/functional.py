@@ -132,6 +132,8 @@ def pixel_infonce(
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if feats.numel() and not bool(torch.isfinite(feats).all()):
         raise ValueError("feats holds non-finite values (inf or nan)")
+    if pos_weight is not None and pos_weight.numel() and not bool(torch.isfinite(pos_weight).all()):
+        raise ValueError("pos_weight holds non-finite values (inf or nan)")
 
     if impl == "auto":
         impl = "triton" if _triton_usable_for(feats) else "torch"

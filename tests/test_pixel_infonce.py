@@ -4,6 +4,8 @@ cases, input errors and determinism. Everything here runs on a CPU in seconds.
 """
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -395,11 +397,25 @@ def test_input_errors(change, error, words):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_feats(bad):
+def test_non_finite_feats_and_weights(bad):
     feats = torch.randn(10, 4)
+    labels = torch.randint(0, 3, (10,))
+    weights = torch.rand(10)
+    weights[6] = bad
+    with pytest.raises(ValueError, match="pos_weight holds non-finite"):
+        pixel_infonce(feats, labels, temperature=0.1, pos_weight=weights)
     feats[4, 2] = bad
-    with pytest.raises(ValueError, match="non-finite"):
-        pixel_infonce(feats, torch.randint(0, 3, (10,)), temperature=0.1)
+    with pytest.raises(ValueError, match="feats holds non-finite"):
+        pixel_infonce(feats, labels, temperature=0.1)
+
+
+def test_import_needs_no_triton():
+    """`import kernels` must not import triton (the Triton module is loaded on first use)."""
+    code = "import sys, kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_device_mismatch():
