@@ -1,0 +1,655 @@
+"""The experiment schema (typed config sections) and the builders every entry point shares.
+
+A run of CLUDA (Vayyat et al., "Contrastive Learning in Unsupervised Domain Adaptation for
+Semantic Segmentation") on DAFormer / HRDA self-training is described by one YAML file whose
+sections are the dataclasses below; `cluda.config.load_config(Config, path, overrides)` fills
+them and `--section.key=value` on the command line wins. Defaults are the paper's training
+hyperparameters (DAFormer / HRDA + CLUDA, MiT-B5, GTA -> Cityscapes, see DESIGN.md) except the
+data sets, which default to the synthetic pair because it is the only data that exists everywhere.
+
+Sections: `experiment` (name, work_dir, seed, device), `data` (source / target / val data sets,
+crops, rare class sampling, batch size, workers), `model` (backbone, decoder, `hrda`), `uda`
+(self-training: EMA teacher, pseudo-labels, ClassMix, strong augmentation, feature distance,
+HR crop choice), `cl` (the CLUDA contrastive terms), `optim` (AdamW, warm-up, poly decay),
+`train` (iterations, intervals, autocast), `eval` (inference mode, protocols, test-time
+augmentation).
+
+Builders (only this module and `train.py` read the config tree; everything else takes typed
+keyword arguments): `build_model`, `build_dataset`, `build_train_dataset`, `build_val_dataset`,
+`make_predict_fn`, plus the checkpoint files: `save_checkpoint` (atomic),
+`load_checkpoint` (clear errors) and `load_model_from_checkpoint` (model rebuilt from the config
+stored in the file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from cluda.config import ConfigError, apply_overrides, from_dict, load_config, parse_overrides, to_dict
+from cluda.data.labels import NUM_CLASSES, PROTOCOLS, THING_CLASSES
+
+__all__ = [
+    "Config", "ExperimentSection", "DatasetSection", "DataSection", "HRDASection", "ModelSection",
+    "UDASection", "CLSection", "OptimSection", "TrainSection", "EvalSection",
+    "CHECKPOINT_FORMAT", "load_experiment", "validate", "output_dir", "resolve_device",
+    "build_model", "build_dataset", "build_train_dataset", "build_val_dataset",
+    "make_predict_fn", "encoder_of", "save_checkpoint", "load_checkpoint", "load_model_from_checkpoint",
+    "config_from_checkpoint", "config_to_dict", "load_state_checked",
+]
+
+CHECKPOINT_FORMAT = "cluda-checkpoint-v1"
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ExperimentSection:
+    """name: run name; outputs go to `work_dir/name`. seed: seeds the model initialisation, the
+    data (item i of the training set is a function of (seed, i)) and the step's random choices
+    (a function of (seed, iteration, rank)). device: "auto" (CUDA when present), "cpu", "cuda"."""
+    name: str = "run"
+    work_dir: str = "work_dirs"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class DatasetSection:
+    """One data set. The same fields serve the source, target and validation roles.
+
+    kind: "synthetic" (generated on the fly, `cluda.data.synthetic`), "gta", "synthia" or
+    "cityscapes" (official layouts under `root`). split: Cityscapes / synthetic split; None means
+    "train" for the source and target roles and "val" for the validation role. labels: "auto",
+    "raw" or "prepared" train id files (real data sets). scale: (long, short) keep-ratio resize
+    bounds, e.g. [1280, 720] for GTA, or None to keep the size. max_images: use only the first N
+    samples (e.g. a quick validation subset). Synthetic only: num_samples scenes of size
+    (height, width), scene_seed (None: 0 for source and validation, 1 for target, so the two
+    training sets never share a layout).
+    """
+    kind: Literal["synthetic", "gta", "synthia", "cityscapes"] = "synthetic"
+    root: Optional[str] = None
+    split: Optional[str] = None
+    labels: Literal["auto", "raw", "prepared"] = "auto"
+    scale: Optional[List[int]] = None
+    max_images: Optional[int] = None
+    num_samples: int = 1000
+    size: List[int] = field(default_factory=lambda: [256, 512])
+    scene_seed: Optional[int] = None
+
+
+@dataclass
+class DataSection:
+    """Training data. crop_size: (height, width) of the random training crop (DAFormer 512,
+    HRDA 1024). cat_max_ratio / flip_prob: mmseg's crop rule and flip probability. rcs: rare
+    class sampling of source images (DAFormer: temperature 0.01, an image needs more than
+    `rcs_min_pixels` pixels of the class, crops re-drawn up to `rcs_max_crop_tries` times until
+    they hold `rcs_min_crop_ratio` of that). class_stats: the statistics file; None means
+    `<source root>/class_stats.json` (written by `python -m cluda.data.prepare`), or computed in
+    memory for synthetic data. batch_size: source and target images per process and step
+    (DAFormer: 2 + 2). workers: DataLoader worker processes."""
+    source: DatasetSection = field(default_factory=DatasetSection)
+    target: DatasetSection = field(default_factory=DatasetSection)
+    val: DatasetSection = field(default_factory=DatasetSection)
+    crop_size: List[int] = field(default_factory=lambda: [512, 512])
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    rcs: bool = True
+    rcs_temperature: float = 0.01
+    rcs_min_pixels: int = 3000
+    rcs_min_crop_ratio: float = 0.5
+    rcs_max_crop_tries: int = 10
+    class_stats: Optional[str] = None
+    batch_size: int = 2
+    workers: int = 4
+
+
+@dataclass
+class HRDASection:
+    """HRDA multi-resolution training (Hoyer et al., ECCV 2022) and CLUDA's feature-weight head.
+    enabled: wrap the segmentor in `cluda.models.HRDA`. hr_crop_size: the HR detail crop (512).
+    lr_scale: context downscale (0.5). crop_divisible: detail box alignment (8). hr_slide_size /
+    hr_slide_stride: HR windows at inference and for the teacher's pseudo-labels (512 / 256).
+    head_channels: scale-attention / feature-weight head width (256). feature_weight_head:
+    build the head whose delta weights LR against HR pixels in CLUDA-MR (Eq. 7).
+    hr_loss_weight: CE weight of the HR detail crop (0.1; the fused logits get 0.9)."""
+    enabled: bool = False
+    hr_crop_size: List[int] = field(default_factory=lambda: [512, 512])
+    lr_scale: float = 0.5
+    crop_divisible: int = 8
+    hr_slide_size: List[int] = field(default_factory=lambda: [512, 512])
+    hr_slide_stride: List[int] = field(default_factory=lambda: [256, 256])
+    head_channels: int = 256
+    feature_weight_head: bool = True
+    hr_loss_weight: float = 0.1
+
+
+@dataclass
+class ModelSection:
+    """backbone: `mit_b0` ... `mit_b5` or a timm name (`swin_large_patch4_window12_384`,
+    `resnet101`). pretrained: a local ImageNet weights file (nothing is downloaded). channels:
+    fused decoder channels C (CLUDA 512). embed_dim / aspp_channels / dropout: the DAFormer
+    decoder's per-level embedding, ASPP branch width and classifier dropout. drop_path_rate:
+    encoder stochastic depth (None: the model's default). img_size: build size of fixed-size
+    timm models (Swin): the training crop."""
+    backbone: str = "mit_b5"
+    pretrained: Optional[str] = None
+    num_classes: int = NUM_CLASSES
+    channels: int = 512
+    embed_dim: int = 256
+    aspp_channels: int = 256
+    dropout: float = 0.1
+    drop_path_rate: Optional[float] = None
+    img_size: Optional[List[int]] = None
+    hrda: HRDASection = field(default_factory=HRDASection)
+
+
+@dataclass
+class UDASection:
+    """Self-training (DACS / DAFormer). enabled: false gives source-only training. start_iter:
+    source-only warm-up iterations before the target terms start (the teacher is copied from
+    the student then). ema_alpha: final EMA coefficient, alpha_t = min(1 - 1/(t+1), ema_alpha)
+    with t counted from start_iter. pseudo_threshold: beta of the confidence weight Gamma
+    (0.968). ignore_top / ignore_bottom: rows of the target crop with pseudo-label weight 0
+    (15 / 120 at 512 crops of Cityscapes). mix: "class" (ClassMix) or "none" (the pseudo-labelled
+    target image itself). color_jitter_strength / color_jitter_p / blur_p / blur_sigma: the strong
+    augmentation of the mixed image (0.2 / 0.8 / 0.5 / [0.15, 1.15]). fd: DAFormer's thing-class
+    ImageNet feature distance on source images, weight fd_lambda (0.005); needs ImageNet
+    weights to mean anything. hr_crop: HRDA detail crop of mixed images, "random" or "entropy"
+    (CLUDA appendix 7.4: where the teacher's prediction entropy is highest)."""
+    enabled: bool = True
+    start_iter: int = 0
+    ema_alpha: float = 0.999
+    pseudo_threshold: float = 0.968
+    ignore_top: int = 15
+    ignore_bottom: int = 120
+    mix: Literal["class", "none"] = "class"
+    color_jitter_strength: float = 0.2
+    color_jitter_p: float = 0.8
+    blur_p: float = 0.5
+    blur_sigma: List[float] = field(default_factory=lambda: [0.15, 1.15])
+    fd: bool = True
+    fd_lambda: float = 0.005
+    hr_crop: Literal["random", "entropy"] = "random"
+
+
+@dataclass
+class CLSection:
+    """The CLUDA contrastive terms. source: L_CL^s (Eq. 3). mixed: L_CL^m (Eq. 4-5), needs
+    uda.enabled. weight: multiplies both. temperature: tau (the original code: 1). pairs:
+    "all" | "stuff" | "stuff+thing" (Sec. 5.5). weighting: "anchor" (the paper) or "pair" (the
+    original code). feat_size: None (native fused resolution) or [h, w] (the original code's
+    [65, 65] bilinear resize); single-resolution models only. multires (HRDA): "lr" (LR features
+    only), "lr+hr" (LR and HR features, weights 1) or "weighted" (Eq. 7, delta / 1 - delta).
+    impl: `kernels.pixel_infonce` implementation ("auto": Triton on CUDA, tiled torch on CPU)."""
+    source: bool = True
+    mixed: bool = True
+    weight: float = 1.0
+    temperature: float = 1.0
+    pairs: Literal["all", "stuff", "stuff+thing"] = "stuff+thing"
+    weighting: Literal["anchor", "pair"] = "anchor"
+    feat_size: Optional[List[int]] = None
+    multires: Literal["lr", "lr+hr", "weighted"] = "weighted"
+    impl: Literal["auto", "triton", "torch", "reference"] = "auto"
+
+
+@dataclass
+class OptimSection:
+    """AdamW (DAFormer): lr for the encoder, lr * head_lr_mult for the decoder and HRDA heads,
+    weight_decay (none on norms and position tables), betas. Schedule: linear warm-up over
+    warmup_iters from warmup_ratio * lr, then poly decay (1 - it / max_iters) ** poly_power down
+    to min_lr. grad_clip: max gradient norm, or None."""
+    lr: float = 6e-5
+    head_lr_mult: float = 10.0
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    poly_power: float = 1.0
+    min_lr: float = 0.0
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class TrainSection:
+    """max_iters: training iterations (40k in the paper). log_interval / eval_interval /
+    checkpoint_interval: in iterations (0 disables periodic evaluation / checkpoints; the last
+    iteration always evaluates and saves). amp: bfloat16 autocast on CUDA (ignored on the CPU).
+    tensorboard: also write TensorBoard events when the package is installed."""
+    max_iters: int = 40000
+    log_interval: int = 50
+    eval_interval: int = 4000
+    checkpoint_interval: int = 4000
+    amp: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    """Evaluation on the validation set at the labels' full resolution. mode: "whole" or "slide"
+    (windows of crop_size every stride; HRDA: 1024 / 512 on 2048 x 1024 images). protocols:
+    19 (GTA -> CS) or 16 and 13 (SYNTHIA -> CS); the first selects best.pt. flip / scales:
+    test-time augmentation. batch_size / workers: validation loader."""
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: List[int] = field(default_factory=lambda: [512, 512])
+    stride: List[int] = field(default_factory=lambda: [341, 341])
+    protocols: List[int] = field(default_factory=lambda: [19])
+    flip: bool = False
+    scales: List[float] = field(default_factory=lambda: [1.0])
+    batch_size: int = 1
+    workers: int = 2
+
+
+@dataclass
+class Config:
+    """A whole experiment; see the module docstring and each section's docstring."""
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    uda: UDASection = field(default_factory=UDASection)
+    cl: CLSection = field(default_factory=CLSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and checking
+# ----------------------------------------------------------------------------------------------
+
+def _pair(value: Sequence[int], where: str) -> Tuple[int, int]:
+    if len(value) != 2 or min(value) < 1:
+        raise ConfigError(f"{where}: expected [height, width] of positive ints, got {value}")
+    return int(value[0]), int(value[1])
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks the types alone cannot express; returns `cfg`.
+
+    Raises:
+        ConfigError: naming the offending key(s).
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"expected a cluda.experiment.Config, got {type(cfg).__name__}")
+    d, m, u, c, o, t, e = cfg.data, cfg.model, cfg.uda, cfg.cl, cfg.optim, cfg.train, cfg.eval
+    _pair(d.crop_size, "data.crop_size")
+    for role in ("source", "target", "val"):
+        ds: DatasetSection = getattr(d, role)
+        if ds.kind != "synthetic" and not ds.root:
+            raise ConfigError(f"data.{role}.root is required for kind {ds.kind!r}")
+        if ds.kind == "synthetic":
+            _pair(ds.size, f"data.{role}.size")
+            if ds.num_samples < 1:
+                raise ConfigError(f"data.{role}.num_samples must be >= 1, got {ds.num_samples}")
+        if ds.scale is not None:
+            _pair(ds.scale, f"data.{role}.scale")
+        if ds.max_images is not None and ds.max_images < 1:
+            raise ConfigError(f"data.{role}.max_images must be >= 1 or null, got {ds.max_images}")
+    if d.source.kind == "cityscapes" or d.target.kind in ("gta", "synthia"):
+        raise ConfigError(f"data.source.kind {d.source.kind!r} / data.target.kind "
+                          f"{d.target.kind!r}: the source must be labelled synthetic data "
+                          "(synthetic, gta, synthia) and the target real or synthetic "
+                          "(cityscapes, synthetic)")
+    if d.batch_size < 1 or d.workers < 0:
+        raise ConfigError(f"data.batch_size must be >= 1 and data.workers >= 0, got "
+                          f"{d.batch_size}, {d.workers}")
+    if m.num_classes != NUM_CLASSES:
+        raise ConfigError(f"model.num_classes must be {NUM_CLASSES} (the Cityscapes train ids all "
+                          f"data sets are mapped to), got {m.num_classes}")
+    if m.hrda.enabled:
+        hc = _pair(m.hrda.hr_crop_size, "model.hrda.hr_crop_size")
+        crop = _pair(d.crop_size, "data.crop_size")
+        if hc[0] > crop[0] or hc[1] > crop[1]:
+            raise ConfigError(f"model.hrda.hr_crop_size {list(hc)} must fit in data.crop_size "
+                              f"{list(crop)}")
+        if c.multires == "weighted" and (c.source or c.mixed) and not m.hrda.feature_weight_head:
+            raise ConfigError("cl.multires 'weighted' needs model.hrda.feature_weight_head: true "
+                              "(or set cl.multires to 'lr' / 'lr+hr')")
+    elif c.feat_size is not None:
+        _pair(c.feat_size, "cl.feat_size")
+    if c.mixed and not u.enabled:
+        raise ConfigError("cl.mixed needs uda.enabled (the mixed term lives on the ClassMix "
+                          "image); set cl.mixed: false for source-only training")
+    if c.temperature <= 0 or c.weight < 0:
+        raise ConfigError(f"cl.temperature must be > 0 and cl.weight >= 0, got {c.temperature}, "
+                          f"{c.weight}")
+    if not 0.0 <= u.ema_alpha <= 1.0 or not 0.0 <= u.pseudo_threshold <= 1.0:
+        raise ConfigError(f"uda.ema_alpha and uda.pseudo_threshold must lie in [0, 1], got "
+                          f"{u.ema_alpha}, {u.pseudo_threshold}")
+    if u.start_iter < 0 or u.ignore_top < 0 or u.ignore_bottom < 0 or u.fd_lambda < 0:
+        raise ConfigError("uda.start_iter, uda.ignore_top, uda.ignore_bottom and uda.fd_lambda "
+                          "must be >= 0")
+    if len(u.blur_sigma) != 2 or not 0 < u.blur_sigma[0] <= u.blur_sigma[1]:
+        raise ConfigError(f"uda.blur_sigma must be [low, high] with 0 < low <= high, got "
+                          f"{u.blur_sigma}")
+    if o.lr <= 0 or o.head_lr_mult <= 0 or o.weight_decay < 0 or len(o.betas) != 2:
+        raise ConfigError("optim.lr and optim.head_lr_mult must be > 0, optim.weight_decay >= 0 "
+                          "and optim.betas two numbers")
+    if o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1 or o.min_lr < 0:
+        raise ConfigError("optim.warmup_iters >= 0, 0 < optim.warmup_ratio <= 1 and "
+                          "optim.min_lr >= 0 are required")
+    if t.max_iters < 1 or t.log_interval < 1 or t.eval_interval < 0 or t.checkpoint_interval < 0:
+        raise ConfigError("train.max_iters and train.log_interval must be >= 1, "
+                          "train.eval_interval and train.checkpoint_interval >= 0")
+    if u.start_iter > t.max_iters:
+        raise ConfigError(f"uda.start_iter {u.start_iter} is beyond train.max_iters {t.max_iters}")
+    unknown = [p for p in e.protocols if p not in PROTOCOLS]
+    if not e.protocols or unknown:
+        raise ConfigError(f"eval.protocols must list some of {sorted(PROTOCOLS)}, got {e.protocols}")
+    if e.mode == "slide":
+        _pair(e.crop_size, "eval.crop_size")
+        _pair(e.stride, "eval.stride")
+    if e.batch_size < 1 or e.workers < 0 or not e.scales:
+        raise ConfigError("eval.batch_size must be >= 1, eval.workers >= 0 and eval.scales non-empty")
+    return cfg
+
+
+def load_experiment(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """YAML file (or the schema's defaults) + `--section.key=value` overrides -> checked Config."""
+    cfg = load_config(Config, path, overrides)
+    try:
+        return validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def output_dir(cfg: Config) -> str:
+    """Where a run writes: `experiment.work_dir / experiment.name`."""
+    return os.path.join(cfg.experiment.work_dir, cfg.experiment.name)
+
+
+def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
+    """`experiment.device` -> a torch device ("auto": cuda:<local_rank> when CUDA is present)."""
+    want = cfg.experiment.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("experiment.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: Config) -> nn.Module:
+    """The student network: a `Segmentor` (DAFormer) or an `HRDA` wrapping one.
+
+    Weights come from `model.pretrained` (encoder only) or are random; nothing is downloaded.
+    """
+    from cluda.models import HRDA, build_segmentor
+
+    m = cfg.model
+    segmentor = build_segmentor(
+        m.backbone, num_classes=m.num_classes, channels=m.channels, pretrained=m.pretrained,
+        drop_path_rate=m.drop_path_rate, embed_dim=m.embed_dim, aspp_channels=m.aspp_channels,
+        dropout=m.dropout, img_size=None if m.img_size is None else tuple(m.img_size))
+    if not m.hrda.enabled:
+        return segmentor
+    h = m.hrda
+    return HRDA(segmentor, hr_crop_size=tuple(h.hr_crop_size), lr_scale=h.lr_scale,
+                crop_divisible=h.crop_divisible, hr_slide_size=tuple(h.hr_slide_size),
+                hr_slide_stride=tuple(h.hr_slide_stride), head_channels=h.head_channels,
+                feature_weight_head=h.feature_weight_head, hr_loss_weight=h.hr_loss_weight)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The encoder of a `Segmentor` or an `HRDA` (for the frozen ImageNet copy)."""
+    inner = getattr(model, "segmentor", model)
+    return inner.encoder
+
+
+def make_predict_fn(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """img (B, 3, H, W) -> logits (B, K, H, W) with `eval.mode` ("whole" or "slide" with
+    `eval.crop_size` / `eval.stride`). Put the model in eval mode first."""
+    e = cfg.eval
+    if e.mode == "slide":
+        crop, stride = tuple(e.crop_size), tuple(e.stride)
+        return lambda img: model.inference(img, mode="slide", crop_size=crop, stride=stride)
+    return lambda img: model.inference(img, mode="whole")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+_ROLE_SEEDS = {"source": 0, "target": 1, "val": 0}
+
+
+def build_dataset(ds: DatasetSection, *, role: str, transform=None):
+    """A `SegmentationDataset` for one role ("source", "target" or "val").
+
+    Args:
+        ds: the data set's section.
+        role: decides the default split ("train" / "val") and synthetic domain / scene seed.
+        transform: a `cluda.data.SegTransform`.
+    """
+    from cluda.data import CityscapesDataset, GTADataset, SynthiaDataset
+    from cluda.data.synthetic import SyntheticDataset
+
+    if role not in _ROLE_SEEDS:
+        raise ValueError(f"role must be one of {sorted(_ROLE_SEEDS)}, got {role!r}")
+    split = ds.split or ("val" if role == "val" else "train")
+    if ds.kind == "synthetic":
+        data = SyntheticDataset(domain="source" if role == "source" else "target", split=split,
+                                num_samples=ds.num_samples, size=tuple(ds.size),
+                                seed=_ROLE_SEEDS[role] if ds.scene_seed is None else ds.scene_seed,
+                                transform=transform)
+    elif ds.kind == "gta":
+        data = GTADataset(ds.root, transform=transform, labels=ds.labels)
+    elif ds.kind == "synthia":
+        data = SynthiaDataset(ds.root, transform=transform, labels=ds.labels)
+    elif ds.kind == "cityscapes":
+        data = CityscapesDataset(ds.root, split=split, transform=transform, labels=ds.labels)
+    else:
+        raise ValueError(f"unknown data set kind {ds.kind!r}")
+    if ds.max_images is not None and ds.max_images < len(data):
+        data = torch.utils.data.Subset(data, range(ds.max_images))
+    return data
+
+
+def _class_stats(cfg: Config, source):
+    from cluda.data import compute_class_stats, load_class_stats
+
+    d = cfg.data
+    if d.class_stats is not None:
+        return load_class_stats(d.class_stats)
+    if d.source.kind == "synthetic":
+        return compute_class_stats(source, dataset_kind="synthetic", split=source.split)
+    return load_class_stats(os.path.join(d.source.root, "class_stats.json"))
+
+
+def build_train_dataset(cfg: Config, *, length: Optional[int] = None):
+    """The `UDADataset` of (source, target) pairs with DAFormer's training transform and rare
+    class sampling. Item i is a pure function of (experiment.seed, i).
+
+    Args:
+        cfg: the experiment.
+        length: what `len()` reports (any index is valid regardless).
+    """
+    from cluda.data import RareClassSampler, UDADataset, train_transform
+
+    d = cfg.data
+    crop = tuple(d.crop_size)
+
+    def tf(ds: DatasetSection):
+        return train_transform(scale=None if ds.scale is None else tuple(ds.scale), crop_size=crop,
+                               cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob)
+
+    source = build_dataset(d.source, role="source", transform=tf(d.source))
+    target = build_dataset(d.target, role="target", transform=tf(d.target))
+    rcs = None
+    if d.rcs:
+        if isinstance(source, torch.utils.data.Subset):
+            raise ConfigError("data.rcs with data.source.max_images is not supported (the class "
+                              "statistics cover the whole source set); set data.rcs: false")
+        rcs = RareClassSampler(_class_stats(cfg, source), names=source.names,
+                               temperature=d.rcs_temperature, min_pixels=d.rcs_min_pixels,
+                               min_crop_ratio=d.rcs_min_crop_ratio,
+                               max_crop_tries=d.rcs_max_crop_tries)
+    return UDADataset(source, target, rcs=rcs, seed=cfg.experiment.seed, length=length)
+
+
+def build_val_dataset(cfg: Config):
+    """The target validation set: images resized to `data.val.scale`, labels at full resolution."""
+    from cluda.data import eval_transform
+
+    v = cfg.data.val
+    return build_dataset(v, role="val",
+                         transform=eval_transform(scale=None if v.scale is None else tuple(v.scale)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
+    """Write `state` (plus the format tag) to `path` atomically.
+
+    The bytes go to a temporary file in the same folder, which is flushed and fsynced and then
+    renamed over `path` (`os.replace`), and the folder is fsynced. If anything fails on the way
+    the temporary file is removed and the previous file at `path`, if any, is left intact.
+
+    Args:
+        path: destination, e.g. `<out>/latest.pt`.
+        state: tensors and plain Python containers / numbers / strings (the file is read back with
+            `torch.load(weights_only=True)`); should hold "config" (a plain dict) and "iteration".
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is a normal output
+        with os.fdopen(fd, "wb") as f:
+            torch.save(dict(state, format=CHECKPOINT_FORMAT), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Union[str, os.PathLike], *, map_location="cpu") -> Dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: the file is truncated / corrupt, or is not a cluda checkpoint; the message
+            names the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint is data, never code to run.
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
+                         f"torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a cluda training checkpoint (expected format "
+                         f"{CHECKPOINT_FORMAT!r}, found {found!r})")
+    missing = [k for k in ("config", "iteration", "student") if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}")
+    return state
+
+
+def config_from_checkpoint(state: Dict[str, Any], *, path: str = "checkpoint",
+                           overrides: Sequence[str] = ()) -> Config:
+    """The Config stored in a loaded checkpoint, with optional `--section.key=value` overrides."""
+    data = state["config"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the stored config is not a mapping")
+    data = apply_overrides(_deepcopy_dict(data), parse_overrides(overrides), Config)
+    try:
+        return validate(from_dict(Config, data))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: stored config: {err}") from None
+
+
+def _deepcopy_dict(d):
+    if isinstance(d, dict):
+        return {k: _deepcopy_dict(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy_dict(v) for v in d]
+    return d
+
+
+def load_state_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, what: str) -> None:
+    """`model.load_state_dict(state_dict)` with one error that lists every missing, unexpected and
+    shape-mismatched key (up to 8 of each), naming `what` (e.g. the checkpoint file)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {name}: {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
+    if problems:
+        raise ValueError(f"{what}: weights do not match the model built from the config ("
+                         + "; ".join(problems) + ")")
+    model.load_state_dict(state_dict)
+
+
+def load_model_from_checkpoint(path: Union[str, os.PathLike],
+                               config_override: Union[None, Config, Sequence[str]] = None, *,
+                               weights: Literal["student", "teacher"] = "student",
+                               map_location="cpu") -> Tuple[nn.Module, Config]:
+    """Rebuild the network from the config stored in a checkpoint and load its weights.
+
+    Args:
+        path: a `latest.pt` / `best.pt` written by `train.py`.
+        config_override: None (the stored config), a `Config` used instead of it, or a list of
+            `--section.key=value` strings applied to the stored config (e.g. another eval mode).
+        weights: "student" (the trained network, what DAFormer evaluates) or "teacher" (EMA).
+        map_location: where the tensors are loaded.
+
+    Returns:
+        (model in eval mode, the Config it was built from).
+
+    Raises:
+        FileNotFoundError / ValueError: see `load_checkpoint`; ValueError naming the mismatched
+            keys when the config builds a network the weights do not fit.
+    """
+    path = os.fspath(path)
+    state = load_checkpoint(path, map_location=map_location)
+    if isinstance(config_override, Config):
+        cfg = validate(config_override)
+    else:
+        cfg = config_from_checkpoint(state, path=path, overrides=tuple(config_override or ()))
+    if weights not in ("student", "teacher"):
+        raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    if state.get(weights) is None:
+        raise ValueError(f"checkpoint {path} holds no {weights} weights")
+    model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+    load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
+    return model.eval(), cfg
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    """Plain nested dict of a Config (for YAML and checkpoints)."""
+    return to_dict(cfg)
