@@ -38,7 +38,7 @@ __all__ = [
     "Config", "ExperimentSection", "DatasetSection", "DataSection", "HRDASection", "ModelSection",
     "UDASection", "CLSection", "OptimSection", "TrainSection", "EvalSection",
     "CHECKPOINT_FORMAT", "load_experiment", "validate", "output_dir", "resolve_device",
-    "build_model", "build_dataset", "build_train_dataset", "build_val_dataset",
+    "build_model", "build_dataset", "build_train_dataset", "build_val_dataset", "build_uda_step",
     "make_predict_fn", "encoder_of", "save_checkpoint", "load_checkpoint", "load_model_from_checkpoint",
     "config_from_checkpoint", "config_to_dict", "load_state_checked",
 ]
@@ -504,6 +504,30 @@ def build_val_dataset(cfg: Config):
     v = cfg.data.val
     return build_dataset(v, role="val",
                          transform=eval_transform(scale=None if v.scale is None else tuple(v.scale)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The self-training step
+# ----------------------------------------------------------------------------------------------
+
+def build_uda_step(cfg: Config):
+    """`cluda.uda.UDAStep` with the settings of the `uda` and `cl` sections."""
+    from cluda.losses import ContrastiveLoss
+    from cluda.uda import UDAStep
+
+    u, c = cfg.uda, cfg.cl
+    contrastive = None
+    if c.source or c.mixed:
+        contrastive = ContrastiveLoss(temperature=c.temperature, pairs=c.pairs,
+                                      weighting=c.weighting, feat_size=c.feat_size,
+                                      thing_classes=THING_CLASSES, impl=c.impl)
+    return UDAStep(
+        self_training=u.enabled, start_iter=u.start_iter, pseudo_threshold=u.pseudo_threshold,
+        ignore_top=u.ignore_top, ignore_bottom=u.ignore_bottom, mix=u.mix,
+        jitter_strength=u.color_jitter_strength, jitter_p=u.color_jitter_p, blur_p=u.blur_p,
+        blur_sigma=tuple(u.blur_sigma), fd_lambda=u.fd_lambda if u.fd else 0.0,
+        contrastive=contrastive, cl_source=c.source, cl_mixed=c.mixed, cl_weight=c.weight,
+        multires=c.multires, hr_crop=u.hr_crop, seed=cfg.experiment.seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,494 @@
+"""Train DAFormer / HRDA self-training with CLUDA's contrastive terms (Vayyat et al., Eq. 6-7).
+
+    python train.py [CONFIG] [--section.key=value ...]     # no CONFIG: configs/demo.yaml
+    python train.py CONFIG --resume [CHECKPOINT]             # default: <out>/latest.pt
+    python train.py [CONFIG] --eval-only CHECKPOINT          # evaluate a checkpoint
+    torchrun --nproc_per_node K train.py CONFIG              # K processes, DDP (gloo on CPU)
+
+Reads top to bottom: build everything, `train_step` (one iteration, returns a dict of floats),
+`evaluate_model` (mIoU on the target validation split), then one `for it in range(start_iter,
+max_iters)` loop that logs, evaluates and checkpoints. Outputs under `experiment.work_dir /
+experiment.name`: `config.yaml` (the resolved config), `log.csv` / `eval.csv` (and TensorBoard
+events if installed), `curves.png`, `val_latest.{md,csv}` / `val_best.{md,csv}` (per-class IoU
+tables), `latest.pt` / `best.pt` (student, teacher, optimiser, scheduler, RNG states, config,
+iteration), all written atomically.
+
+Exact resume: the data item of batch slot b at iteration it on rank r is `(it * world + r) *
+batch + b` (a pure function of the seed and that index), and the global torch RNG (dropout, drop
+path) and the step's generator are seeded from (seed, it, rank) at every iteration, so a run
+resumed from `latest.pt` computes the same weights as one that was never stopped.
+"""
+import argparse
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import random
+import resource
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cluda.config import ConfigError, save_yaml, to_dict
+from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
+from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
+                              build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
+                              load_experiment, load_model_from_checkpoint, load_state_checked,
+                              make_predict_fn, output_dir, resolve_device, save_checkpoint)
+from cluda.models import build_imnet_encoder
+from cluda.teacher import ema_alpha, ema_update, make_teacher
+from cluda.uda import TrainForward, UDAStep, step_seed
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pieces: distributed setup, learning-rate schedule, batches, logs
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world size, local rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class WarmupPoly:
+    """mmcv's schedule as an lr multiplier: poly decay (1 - it / max_iters) ** power from 1 to
+    min_ratio, times a linear warm-up from warmup_ratio over the first warmup_iters iterations.
+
+    Args:
+        max_iters: length of the schedule.
+        warmup_iters: warm-up length (0: none).
+        warmup_ratio: multiplier at iteration 0 of the warm-up.
+        power: poly exponent.
+        min_ratio: final multiplier (optim.min_lr / optim.lr).
+    """
+
+    def __init__(self, *, max_iters: int, warmup_iters: int, warmup_ratio: float, power: float,
+                 min_ratio: float = 0.0) -> None:
+        self.max_iters, self.warmup_iters = int(max_iters), int(warmup_iters)
+        self.warmup_ratio, self.power, self.min_ratio = float(warmup_ratio), float(power), float(min_ratio)
+
+    def __call__(self, it: int) -> float:
+        progress = min(it, self.max_iters) / self.max_iters
+        factor = (1 - self.min_ratio) * (1 - progress) ** self.power + self.min_ratio
+        if it < self.warmup_iters:
+            factor *= 1 - (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
+        return factor
+
+
+class IterationBatches(torch.utils.data.Sampler):
+    """Batch `it` of rank r holds data set items (it * world + r) * batch_size + b."""
+
+    def __init__(self, *, start: int, stop: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world
+
+    def __iter__(self):
+        for it in range(self.start, self.stop):
+            first = (it * self.world + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
+
+
+def seed_iteration(seed: int, it: int, rank: int) -> None:
+    """Seed the global RNGs (dropout, drop path) from (seed, iteration, rank)."""
+    s = step_seed(seed, it, rank, stream=1)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def rng_states() -> Dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: Dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class CSVLog:
+    """Rows of floats with a fixed header, appended to `path`; on resume, rows at or after the
+    resumed iteration (written after the checkpoint by the interrupted run) are dropped."""
+
+    def __init__(self, path: str, columns: Sequence[str], *, resume_from: Optional[int] = None):
+        self.path, self.columns = path, ["iteration"] + list(columns)
+        rows = []
+        if resume_from is not None and os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < resume_from]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, it: int, values: Dict[str, float]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(dict(values, iteration=it))
+
+    def read(self) -> List[Dict[str, float]]:
+        with open(self.path, newline="") as f:
+            return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+
+
+def plot_curves(train_log: CSVLog, eval_log: CSVLog, path: str, *, main_metric: str) -> None:
+    """PNG of the loss terms and the target mIoU against the iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, evals = train_log.read(), eval_log.read()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for col in train_log.columns[1:]:
+        if col.startswith(("src.", "mix.")) or col == "loss":
+            pts = [(r["iteration"], r[col]) for r in rows if col in r]
+            if pts:
+                ax1.plot(*zip(*pts), label=col, lw=1.5 if col == "loss" else 1)
+    ax1.set_xlabel("iteration")
+    ax1.set_ylabel("loss (mean over the log interval)")
+    ax1.legend(fontsize=8)
+    pts = [(r["iteration"], 100 * r[main_metric]) for r in evals if main_metric in r]
+    if pts:
+        ax2.plot(*zip(*pts), marker="o")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel(f"target {main_metric} (%)")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def open_tensorboard(out_dir: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step and the evaluation
+# ----------------------------------------------------------------------------------------------
+
+def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.Module,
+               teacher: Optional[torch.nn.Module], imnet: Optional[torch.nn.Module], step: UDAStep,
+               optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device,
+               rank: int = 0, world: int = 1) -> Dict[str, float]:
+    """EMA update, the loss terms of `step`, one backward pass, the optimiser and scheduler step.
+    Returns the loss terms, their sum ("loss"), the step's statistics and the encoder lr."""
+    student.train()
+    seed_iteration(cfg.experiment.seed, it, rank)
+    if teacher is not None and step.target_active(it):
+        # DAFormer: at the first self-training iteration alpha is 0, i.e. the teacher is a copy.
+        ema_update(teacher, student, ema_alpha(it - step.start_iter, cfg.uda.ema_alpha))
+    src, tgt = batch["source"], batch["target"]
+    src_img = src["img"].to(device, non_blocking=True)
+    src_label = src["label"].to(device, non_blocking=True)
+    tgt_img = tgt["img"].to(device, non_blocking=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.train.amp) \
+        else contextlib.nullcontext()
+    with amp:
+        result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet)
+    loss = sum(result.losses.values())
+    finite = torch.isfinite(loss.detach()).float()
+    if world > 1:  # every rank stops together rather than waiting in the gradient all-reduce
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not bool(finite):
+        terms = {k: v.detach().item() for k, v in result.losses.items()}
+        raise FloatingPointError(f"non-finite loss at iteration {it} (rank {rank}): {terms}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    logs = {k: v.detach().item() for k, v in result.losses.items()}
+    logs["loss"] = loss.detach().item()
+    logs.update(result.stats)
+    logs["lr"] = lr
+    return logs
+
+
+def evaluate_model(model: torch.nn.Module, val_data, cfg: Config, device: torch.device, *,
+                   rank: int = 0, world: int = 1, progress: bool = True) -> Dict[int, Dict]:
+    """mIoU and per-class IoU on the validation set for every protocol of `eval.protocols`.
+    With several processes each evaluates every world-th image and the confusion matrices are
+    summed."""
+    if world > 1:
+        val_data = torch.utils.data.Subset(val_data, range(rank, len(val_data), world))
+    loader = torch.utils.data.DataLoader(val_data, batch_size=cfg.eval.batch_size,
+                                         num_workers=cfg.eval.workers,
+                                         generator=torch.Generator())  # leaves the global RNG alone
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.train.amp) \
+        else contextlib.nullcontext()
+    with amp:
+        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
+                          protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
+                          device=device, progress=progress and rank == 0)
+    model.train(was_training)
+    matrix = result["matrix"]
+    if world > 1:
+        dist.all_reduce(matrix)
+    return {p: compute_metrics(matrix, protocol=p) for p in cfg.eval.protocols}
+
+
+def eval_row(metrics: Dict[int, Dict]) -> Dict[str, float]:
+    row = {}
+    for p, m in metrics.items():
+        row[f"mIoU{p}"] = m["mIoU"]
+    first = next(iter(metrics.values()))
+    row.update({f"IoU.{name}": v for name, v in first["iou"].items()})
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.param_groups(o.lr, head_lr_mult=o.head_lr_mult,
+                                                     weight_decay=o.weight_decay),
+                                  lr=o.lr, betas=tuple(o.betas))
+    schedule = WarmupPoly(max_iters=cfg.train.max_iters, warmup_iters=o.warmup_iters,
+                          warmup_ratio=o.warmup_ratio, power=o.poly_power,
+                          min_ratio=o.min_lr / o.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def checkpoint(path: str, *, cfg: Config, it_next: int, student, teacher, optimizer, scheduler,
+               best: Dict) -> None:
+    save_checkpoint(path, {
+        "config": to_dict(cfg), "iteration": it_next, "student": student.state_dict(),
+        "teacher": None if teacher is None else teacher.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": rng_states(), "best": best})
+
+
+def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None) -> Dict:
+    """Run (or resume) the experiment `cfg`.
+
+    Args:
+        cfg: the checked config.
+        resume: a checkpoint to continue from ("auto": `<out>/latest.pt`).
+        stop_at: stop (and save `latest.pt`) once this many iterations are done.
+
+    Returns:
+        {"out_dir", "iteration" (done), "metrics" (last evaluation, by protocol), "best",
+        "student", "teacher"} (the last two are the unwrapped modules).
+    """
+    rank, world, local_rank = setup_distributed()
+    device = resolve_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = output_dir(cfg)
+    main_proc = rank == 0
+    if main_proc:
+        os.makedirs(out, exist_ok=True)
+        save_yaml(to_dict(cfg), os.path.join(out, "config.yaml"))
+    max_iters = cfg.train.max_iters
+    main_metric = f"mIoU{cfg.eval.protocols[0]}"
+
+    # ---- model, teacher, frozen ImageNet encoder, optimiser ----
+    torch.manual_seed(cfg.experiment.seed)  # the same initial weights on every rank
+    student = build_model(cfg).to(device)
+    step = build_uda_step(cfg)
+    imnet = build_imnet_encoder(encoder_of(student)).to(device) if step.fd_lambda > 0 else None
+    teacher = make_teacher(student) if step.self_training else None
+    optimizer, scheduler = build_optimizer(cfg, student)
+    net: torch.nn.Module = TrainForward(student)
+    if world > 1:
+        # HRDA's feature-weight head is unused when no CL term reads delta: let DDP look.
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=getattr(net, "is_hrda", False))
+
+    start_iter, best = 0, {"metric": main_metric, "value": -1.0, "iteration": -1}
+    if resume is not None:
+        path = os.path.join(out, "latest.pt") if resume == "auto" else resume
+        state = load_checkpoint(path, map_location=device)
+        stored = config_from_checkpoint(state, path=path)
+        if stored.model != cfg.model:
+            raise ConfigError(f"cannot resume from {path}: its model section differs from the config's")
+        load_state_checked(student, state["student"], what=f"checkpoint {path} (student)")
+        if teacher is not None and state.get("teacher") is not None:
+            load_state_checked(teacher, state["teacher"], what=f"checkpoint {path} (teacher)")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        start_iter, best = int(state["iteration"]), dict(state.get("best") or best)
+        if main_proc:
+            print(f"resumed from {path} at iteration {start_iter}")
+
+    # ---- data ----
+    train_data = build_train_dataset(cfg, length=max_iters * cfg.data.batch_size * world)
+    loader = torch.utils.data.DataLoader(
+        train_data, num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
+        batch_sampler=IterationBatches(start=start_iter, stop=max_iters, batch_size=cfg.data.batch_size,
+                                       rank=rank, world=world),
+        generator=torch.Generator(), persistent_workers=False)
+    val_data = build_val_dataset(cfg)
+
+    # ---- logs ----
+    terms = step.term_names()
+    train_log = eval_log = tb = None
+    if main_proc:
+        stat_cols = ["gamma", "pasted"] if step.self_training else []
+        train_log = CSVLog(os.path.join(out, "log.csv"), terms + ["loss"] + stat_cols + ["lr", "sec_per_it"],
+                           resume_from=start_iter)
+        eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
+        eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, resume_from=start_iter + 1)
+        tb = open_tensorboard(out, cfg.train.tensorboard)
+        print(f"{type(student).__name__} ({cfg.model.backbone}), {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M "
+              f"parameters, device {device}, {world} process(es); terms: {', '.join(terms)}; outputs in {out}")
+
+    # ---- the loop ----
+    metrics: Dict[int, Dict] = {}
+    window: Dict[str, List[float]] = {}
+    smooth: Dict[str, float] = {}
+    t_last = time.time()
+    stop = max_iters if stop_at is None else min(max_iters, stop_at)
+    batches = iter(loader)
+    bar = tqdm(total=stop, initial=start_iter, disable=not main_proc, desc="train", dynamic_ncols=True)
+    for it in range(start_iter, stop):
+        batch = next(batches)
+        logs = train_step(it=it, batch=batch, net=net, student=student, teacher=teacher, imnet=imnet,
+                          step=step, optimizer=optimizer, scheduler=scheduler, cfg=cfg, device=device,
+                          rank=rank, world=world)
+        done = it + 1
+        for k, v in logs.items():
+            window.setdefault(k, []).append(v)
+            smooth[k] = v if k not in smooth else 0.9 * smooth[k] + 0.1 * v
+        bar.update(1)
+        bar.set_postfix({k: f"{smooth[k]:.3f}" for k in ["loss"] + step.term_names(it)}, refresh=False)
+
+        if main_proc and (done % cfg.train.log_interval == 0 or done == stop):
+            row = {k: sum(v) / len(v) for k, v in window.items()}
+            row["sec_per_it"] = (time.time() - t_last) / len(window["loss"])
+            train_log.append(done, row)
+            if tb is not None:
+                for k, v in row.items():
+                    tb.add_scalar(f"train/{k}", v, done)
+            window, t_last = {}, time.time()
+
+        if done == max_iters or (cfg.train.eval_interval and done % cfg.train.eval_interval == 0):
+            metrics = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
+            value = metrics[cfg.eval.protocols[0]]["mIoU"]
+            if main_proc:
+                eval_log.append(done, eval_row(metrics))
+                write_metrics(metrics[cfg.eval.protocols[0]], out, "val_latest")
+                if tb is not None:
+                    tb.add_scalar(f"val/{main_metric}", value, done)
+                bar.write(f"iteration {done}: target {main_metric} {100 * value:.2f}")
+                if value > best["value"]:
+                    best = {"metric": main_metric, "value": value, "iteration": done}
+                    write_metrics(metrics[cfg.eval.protocols[0]], out, "val_best")
+                    checkpoint(os.path.join(out, "best.pt"), cfg=cfg, it_next=done, student=student,
+                               teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best)
+                plot_curves(train_log, eval_log, os.path.join(out, "curves.png"), main_metric=main_metric)
+            t_last = time.time()  # evaluation time is not training time
+
+        if main_proc and (done == stop or (cfg.train.checkpoint_interval
+                                           and done % cfg.train.checkpoint_interval == 0)):
+            checkpoint(os.path.join(out, "latest.pt"), cfg=cfg, it_next=done, student=student,
+                       teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best)
+    bar.close()
+    if tb is not None:
+        tb.close()
+    if world > 1:
+        dist.barrier()  # rank 0 has written its files
+    return {"out_dir": out, "iteration": stop, "metrics": metrics, "best": best,
+            "student": student, "teacher": teacher}
+
+
+def _class_names(cfg: Config) -> List[str]:
+    from cluda.data.labels import CLASS_NAMES, PROTOCOLS
+    return [CLASS_NAMES[c] for c in sorted(PROTOCOLS[cfg.eval.protocols[0]])]
+
+
+def eval_only(checkpoint_path: str, cfg: Optional[Config], overrides: Sequence[str]) -> Dict[int, Dict]:
+    """Evaluate a checkpoint's student on the validation set of its stored config (or of `cfg`),
+    print the tables and write `eval_<checkpoint>.{md,csv}` next to the checkpoint."""
+    model, cfg = load_model_from_checkpoint(checkpoint_path, cfg if cfg is not None else overrides)
+    rank, world, local_rank = setup_distributed()
+    device = resolve_device(cfg, local_rank)
+    model.to(device)
+    metrics = evaluate_model(model, build_val_dataset(cfg), cfg, device, rank=rank, world=world)
+    if rank == 0:
+        stem = "eval_" + os.path.splitext(os.path.basename(checkpoint_path))[0]
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        for p, m in metrics.items():
+            print(f"{p}-class protocol:\n{format_table(m)}")
+            write_metrics(m, folder, stem if len(metrics) == 1 else f"{stem}_{p}")
+        p = cfg.eval.protocols[0]
+        print(f"target mIoU ({p} classes): {100 * metrics[p]['mIoU']:.2f}")
+    return metrics
+
+
+def parse_args(argv: Optional[Sequence[str]]):
+    parser = argparse.ArgumentParser(
+        description="CLUDA / DAFormer / HRDA training. Unknown --section.key=value arguments "
+                    "override the config.",
+        epilog="example: python train.py configs/gta2cs_daformer_cluda.yaml --cl.temperature=0.1")
+    parser.add_argument("config", nargs="?", default=None,
+                        help=f"YAML experiment (default: {os.path.relpath(DEFAULT_CONFIG)})")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue from CHECKPOINT (default: <work_dir>/<name>/latest.pt)")
+    parser.add_argument("--eval-only", metavar="CHECKPOINT", default=None,
+                        help="only evaluate CHECKPOINT (its stored config, with overrides, unless "
+                             "a CONFIG is given)")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="N",
+                        help="stop after N iterations and save latest.pt (resume later)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}: overrides are --section.key=value")
+    return args, overrides
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args, overrides = parse_args(argv)
+    t0 = time.time()
+    if args.eval_only is not None:
+        cfg = load_experiment(args.config, overrides) if args.config else None
+        return {"metrics": eval_only(args.eval_only, cfg, overrides)}
+    cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if result["metrics"] and (not dist.is_initialized() or dist.get_rank() == 0):
+        p = cfg.eval.protocols[0]
+        m = result["metrics"][p]
+        print(format_table(m))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"target mIoU ({p} classes): {100 * m['mIoU']:.2f} after {result['iteration']} "
+              f"iterations; wall time {time.time() - t0:.0f} s, peak RSS {rss:.0f} MiB")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
