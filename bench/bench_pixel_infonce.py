@@ -29,7 +29,7 @@ Usage (from the repository root):
 
 Rows are appended to OUT/pixel_infonce.csv (default OUT: bench/results); OUT/pixel_infonce.md is
 rebuilt from the whole CSV (one section per run, newest first) and OUT/pixel_infonce.png plots the
-newest run.
+newest run's device (the latest measurement of each cell on it).
 """
 import argparse
 import gc
@@ -482,12 +482,17 @@ def _cells(run: Sequence[Dict[str, str]]) -> Dict[tuple, Dict[str, Dict[str, str
     return {k: cells[k] for k in order}
 
 
+def _num(x: float) -> str:
+    """4 significant digits, without an exponent for large values (104,300 rather than 1.043e+05)."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def _ms(row: Optional[Dict[str, str]], spread: bool = False) -> str:
     if row is None or _f(row, "median_ms") is None:
         return "-"
-    text = f"{_f(row, 'median_ms'):.4g}"
+    text = _num(_f(row, "median_ms"))
     if spread and _f(row, "p20_ms") is not None and _f(row, "p80_ms") is not None:
-        text += f" [{_f(row, 'p20_ms'):.4g}, {_f(row, 'p80_ms'):.4g}]"
+        text += f" [{_num(_f(row, 'p20_ms'))}, {_num(_f(row, 'p80_ms'))}]"
     return text
 
 
@@ -566,14 +571,9 @@ def run_markdown(run: Sequence[Dict[str, str]]) -> str:
         if row["matmul_kind"]:
             rates[row["matmul_kind"]] = _f(row, "matmul_tflops")
     lines = [f"## {first['device']} · {first['date']} · rev {first['git_rev']}", "",
-             f"torch {first['torch']}, triton {first['triton']}, {first['threads']} CPU threads. "
-             "Matrix-multiply rate measured in this run: "
-             + ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in sorted(rates.items())) + ".", "",
-             INPUTS_NOTE, "",
-             "Times: median in ms, fwd+bwd with [p20, p80]. Memory: peak growth above the inputs "
-             "in MiB (CUDA: max_memory_allocated; CPU: peak RSS). TFLOP/s: useful 6 r N^2 C over "
-             "the fwd+bwd median; % mm: its share of the matmul rate of the row's dtype. det.: "
-             "two backward passes give bitwise equal gradients.", ""]
+             f"torch {first['torch']}, triton {first['triton']}, torch CPU threads: "
+             f"{first['threads']}. Matrix-multiply rate measured in this run: "
+             + ", ".join(f"{k} {v:.4g} TFLOP/s" for k, v in sorted(rates.items())) + ".", ""]
     goals = targets(run)
     if goals:
         lines += ["| target (issue 3) | measured | verdict |", "|---|---|---|"]
@@ -604,14 +604,27 @@ def write_markdown(rows: Sequence[Dict[str, str]], path: Path) -> None:
     """Every run of the CSV, newest first."""
     parts = ["# pixel_infonce benchmark", "",
              "Written by `python -m bench.bench_pixel_infonce` from `pixel_infonce.csv` (one section "
-             "per run, newest first). See bench/NOTES.md for the kernel versions.", ""]
+             "per run, newest first). See bench/NOTES.md for the kernel versions.", "",
+             INPUTS_NOTE, "",
+             "Times: median in ms, fwd+bwd with [p20, p80]. Memory: peak growth above the inputs "
+             "in MiB (CUDA: max_memory_allocated; CPU: peak RSS). TFLOP/s: useful 6 r N^2 C over "
+             "the fwd+bwd median; % mm: its share of the matmul rate of the row's dtype (float32: "
+             "TF32 on CUDA). det.: two forward + backward passes give bitwise equal gradients.", ""]
     parts += [run_markdown(run) for run in group_runs(rows)]
     Path(path).write_text("\n".join(parts))
 
 
+def latest_on_device(rows: Sequence[Dict[str, str]], device: str) -> List[Dict[str, str]]:
+    """The newest row of each (provider, N, C, dtype, pass) measured on `device`."""
+    latest: Dict[tuple, Dict[str, str]] = {}
+    for row in sorted((r for r in rows if r["device"] == device), key=lambda r: r["date"]):
+        latest[tuple(row[k] for k in ("provider", "n", "c", "dtype", "pass"))] = row
+    return list(latest.values())
+
+
 def write_plot(run: Sequence[Dict[str, str]], path: Path) -> None:
     """Time and peak memory of forward + backward against N, log-log, one line per provider and
-    one column per (C, dtype) of the run."""
+    one column per (C, dtype) in `run` (rows of one device)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -646,8 +659,10 @@ def write_plot(run: Sequence[Dict[str, str]], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    first = run[0]
-    fig.suptitle(f"pixel_infonce fwd+bwd: {first['device']}\n{first['date']}, rev {first['git_rev']} "
+    dates = sorted({r["date"] for r in run})
+    revs = ", ".join(sorted({r["git_rev"] for r in run}))
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    fig.suptitle(f"pixel_infonce fwd+bwd: {run[0]['device']}\n{when}, rev {revs}\n"
                  "(Triton interpreter runs not plotted)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -697,13 +712,14 @@ def merge_rows(source: Path, target: Path) -> int:
 
 
 def write_reports(out: Path) -> List[Dict[str, str]]:
-    """Rebuild the Markdown (all runs) and the plot (newest run) from OUT's CSV; return that run."""
+    """Rebuild the Markdown (all runs) and the plot (the newest run's device) from OUT's CSV;
+    return the newest run."""
     rows = read_rows(out / CSV_NAME)
     if not rows:
         raise ValueError(f"{out / CSV_NAME} holds no rows")
     write_markdown(rows, out / MD_NAME)
     newest = group_runs(rows)[0]
-    write_plot(newest, out / PNG_NAME)
+    write_plot(latest_on_device(rows, newest[0]["device"]), out / PNG_NAME)
     return newest
 
 
