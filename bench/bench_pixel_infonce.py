@@ -33,7 +33,6 @@ newest run's device (the latest measurement of each cell on it).
 """
 import argparse
 import gc
-import math
 import os
 import signal
 import sys

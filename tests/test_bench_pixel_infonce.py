@@ -421,7 +421,8 @@ def test_triton_cell_on_gpu_is_deterministic_and_small():
                         BASE_ROW, {"bfloat16": ("bf16", rate)})
     for row in rows:
         assert row["status"] == "ok", row["status"]
-        # O(N * C) buffers only: one 8,450^2 float32 matrix alone would be 272 MiB.
-        assert float(row["peak_mem_mib"]) < 16, row
+        # O(N * C) buffers only (feats are 1 MiB; v1's float32 wrapper holds ~12x that): one
+        # 8,450^2 float32 matrix alone would be 272 MiB.
+        assert float(row["peak_mem_mib"]) < 32, row
         assert math.isfinite(float(row["tflops"])) and float(row["tflops"]) > 0
     assert rows[-1]["deterministic"] == "yes"
