@@ -301,27 +301,10 @@ class UDAStep:
             raise ValueError(f"target images {tuple(target_img.shape)} must match the source "
                              f"images {tuple(source_img.shape)}")
 
-        # ---- pseudo-labels from the EMA teacher (HRDA: LR + sliding HR windows) ----
-        with torch.no_grad():
-            t_logits = teacher.inference(target_img, mode="whole")  # (B, K, H, W)
-            pl = pseudo_label(t_logits, threshold=self.pseudo_threshold,
-                              ignore_top=self.ignore_top, ignore_bottom=self.ignore_bottom)
+        pl, t_logits = self.pseudo_labels(teacher, target_img)
         stats["gamma"] = float(pl.gamma)
-
-        # ---- ClassMix and strong augmentation ----
-        if self.mix == "class":
-            masks = class_mix_masks(source_label, generator=gen, ignore_index=self.ignore_index)
-            mixed = mix(masks, source_image=source_img, target_image=target_img,
-                        source_labels=source_label, pseudo_labels=pl.labels,
-                        pseudo_weights=pl.weights)
-            pasted = masks[:, 0] > 0.5  # (B, H, W)
-        else:
-            mixed = MixedBatch(target_img, pl.labels, pl.weights)
-            pasted = torch.zeros_like(pl.labels, dtype=torch.bool)
+        mixed, pasted = self.mix_batch(source_img, source_label, target_img, pl, generator=gen)
         stats["pasted"] = float(pasted.float().mean())
-        mixed_img = strong_augment(mixed.image, generator=gen, jitter_strength=self.jitter_strength,
-                                   jitter_p=self.jitter_p, blur_p=self.blur_p,
-                                   blur_sigma=self.blur_sigma)
 
         # ---- mixed: CE with pixel weights, L_CL^m ----
         box = None
@@ -330,13 +313,49 @@ class UDAStep:
                 box = entropy_crop_box(t_logits.float().softmax(dim=1), hrda.hr_crop_size,
                                        divisible=hrda.crop_divisible, exclude=pasted)
             else:
-                box = random_crop_box(*mixed_img.shape[-2:], hrda.hr_crop_size,
+                box = random_crop_box(*mixed.image.shape[-2:], hrda.hr_crop_size,
                                       divisible=hrda.crop_divisible, generator=gen)
-        out = net(mixed_img, box=box, with_delta=with_delta)
+        out = net(mixed.image, box=box, with_delta=with_delta)
         losses["mix.ce"] = self._ce(out, mixed.labels, mixed.weights, hrda)
         if self.cl_mixed:
             losses["mix.cl"] = self.cl_weight * self._cl(out, mixed.labels, mixed.weights, hrda)
         return StepResult(losses, stats)
+
+    # -- pseudo-labels and mixing (used by __call__; public for inspection) -------------------
+
+    @torch.no_grad()
+    def pseudo_labels(self, teacher: nn.Module, target_img: torch.Tensor):
+        """The EMA teacher's pseudo-labels of the target crops (HRDA: LR + sliding-window HR
+        inference), with Gamma and the zeroed top / bottom margins.
+
+        Returns:
+            (PseudoLabels(labels (B, H, W), weights (B, H, W), gamma), teacher logits (B, K, H, W)).
+        """
+        logits = teacher.inference(target_img, mode="whole")  # (B, K, H, W)
+        pl = pseudo_label(logits, threshold=self.pseudo_threshold, ignore_top=self.ignore_top,
+                          ignore_bottom=self.ignore_bottom)
+        return pl, logits
+
+    def mix_batch(self, source_img: torch.Tensor, source_label: torch.Tensor,
+                  target_img: torch.Tensor, pl, *, generator: torch.Generator):
+        """ClassMix (or no mixing) and the strong augmentation of the mixed image.
+
+        Returns:
+            (MixedBatch(augmented image (B, 3, H, W), labels (B, H, W), weights (B, H, W)),
+            pasted (B, H, W) bool: where the source was pasted).
+        """
+        if self.mix == "class":
+            masks = class_mix_masks(source_label, generator=generator, ignore_index=self.ignore_index)
+            mixed = mix(masks, source_image=source_img, target_image=target_img,
+                        source_labels=source_label, pseudo_labels=pl.labels,
+                        pseudo_weights=pl.weights)
+            pasted = masks[:, 0] > 0.5
+        else:
+            mixed = MixedBatch(target_img, pl.labels.long(), pl.weights.float())
+            pasted = torch.zeros_like(pl.labels, dtype=torch.bool)
+        image = strong_augment(mixed.image, generator=generator, jitter_strength=self.jitter_strength,
+                               jitter_p=self.jitter_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma)
+        return MixedBatch(image, mixed.labels, mixed.weights), pasted
 
     # -- terms ---------------------------------------------------------------------------------
 
