@@ -28,28 +28,53 @@ Absent classes (the convention, everywhere in this module):
 Test-time augmentation (`predict_probs`) follows mmseg's `aug_test`: logits of each view are
 resized bilinearly to the label's resolution, turned into softmax probabilities, un-flipped, and
 the probabilities are averaged over the views.
+
+Command line (`main`, see `--help`):
+
+    python -m cluda.evaluate --checkpoint CKPT [--config C] [--split val]
+        [--weights student|teacher] [--protocols 19 16 13] [--flip] [--scales 0.75 1.0 1.25]
+        [--mode whole|slide] [--out DIR] [--device cpu|cuda] [--section.key=value ...]
+
+rebuilds the network from the checkpoint (`load_inference_model`, also used by
+`cluda.predict`), evaluates it on the target validation split (`evaluate_checkpoint`), prints
+the per-class tables and writes them as Markdown, CSV and JSON, all rendered before the first
+file is written and each written atomically. Bad input (missing / truncated checkpoint, config
+that does not fit the weights, unknown override key) ends with a one-line message and exit
+status 2 (`InputError`).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
+import dataclasses
 import io
+import json
 import math
 import os
+import re
 import secrets
+import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
+from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
+                              config_to_dict, load_checkpoint, load_experiment,
+                              load_state_checked, make_predict_fn, resolve_device)
 
 __all__ = [
     "ConfusionMatrix", "compute_metrics", "format_table", "write_metrics", "predict_probs",
-    "evaluate", "atomic_write", "atomic_write_files",
+    "evaluate", "atomic_write", "atomic_write_files", "render_metrics", "InputError",
+    "load_inference_model", "model_config_differences", "note_model_differences",
+    "inference_device", "inference_context", "evaluate_checkpoint",
+    "render_evaluation", "main",
 ]
 
 
@@ -266,8 +291,42 @@ def format_table(metrics: Mapping[str, Any], *, fmt: str = "markdown", metric: s
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: str
-                  ) -> dict[str, Path]:
+def render_metrics(metrics: Mapping[str, Any], *, details: Sequence[str] = ()) -> dict[str, str]:
+    """The Markdown and CSV texts that `write_metrics` writes, rendered without touching disk.
+
+    Args:
+        metrics: as `format_table`.
+        details: lines put under the Markdown title (what was evaluated, and how).
+
+    Returns:
+        {"markdown": text, "csv": text}.
+    """
+    rows, protocol = _as_rows(metrics)
+    pixels = ", ".join(f"{name}: {m['num_pixels']}" if name is not None else str(m["num_pixels"])
+                       for name, m in rows)
+    header = f"# Evaluation, {protocol}-class protocol\n\n"
+    if details:
+        header += "".join(f"- {line}\n" for line in details) + "\n"
+    markdown = (
+        header
+        + "Per-class IoU (%), columns in the order of the CLUDA paper's Table 1.\n\n"
+        + format_table(metrics, fmt="markdown", metric="iou")
+        + "\nPer-class accuracy (%), mean accuracy and overall pixel accuracy.\n\n"
+        + format_table(metrics, fmt="markdown", metric="acc")
+        + "\nn/a: IoU of a class that occurs in neither the ground truth nor the prediction, "
+          "accuracy of a class absent from the ground truth; such classes are left out of the "
+          f"means.\nGround-truth pixels scored: {pixels}.\n"
+    )
+    return {"markdown": markdown, "csv": format_table(metrics, fmt="csv", metric="iou", digits=2)}
+
+
+def _check_stem(stem: str) -> None:
+    if not isinstance(stem, str) or stem in ("", ".", "..") or "/" in stem or os.sep in stem:
+        raise ValueError(f"stem must be a plain file name, got {stem!r}")
+
+
+def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: str, *,
+                  details: Sequence[str] = ()) -> dict[str, Path]:
     """Write the tables as `<out_dir>/<stem>.md` and `<out_dir>/<stem>.csv`, atomically.
 
     The Markdown file holds the IoU table (Table 1 order, with mIoU), the accuracy table (with
@@ -279,29 +338,16 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: 
         metrics: as `format_table`.
         out_dir: directory (created if missing).
         stem: file name without extension, no path separators.
+        details: lines put under the Markdown title (see `render_metrics`).
 
     Returns:
         {"markdown": path, "csv": path}.
     """
-    if not isinstance(stem, str) or stem in ("", ".", "..") or "/" in stem or os.sep in stem:
-        raise ValueError(f"stem must be a plain file name, got {stem!r}")
-    rows, protocol = _as_rows(metrics)
-    pixels = ", ".join(f"{name}: {m['num_pixels']}" if name is not None else str(m["num_pixels"])
-                       for name, m in rows)
-    markdown = (
-        f"# Evaluation, {protocol}-class protocol\n\n"
-        "Per-class IoU (%), columns in the order of the CLUDA paper's Table 1.\n\n"
-        + format_table(metrics, fmt="markdown", metric="iou")
-        + "\nPer-class accuracy (%), mean accuracy and overall pixel accuracy.\n\n"
-        + format_table(metrics, fmt="markdown", metric="acc")
-        + "\nn/a: IoU of a class that occurs in neither the ground truth nor the prediction, "
-          "accuracy of a class absent from the ground truth; such classes are left out of the "
-          f"means.\nGround-truth pixels scored: {pixels}.\n"
-    )
-    table_csv = format_table(metrics, fmt="csv", metric="iou", digits=2)
+    _check_stem(stem)
+    texts = render_metrics(metrics, details=details)
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
-    atomic_write_files({paths["markdown"]: markdown, paths["csv"]: table_csv})
+    atomic_write_files({paths[k]: texts[k] for k in paths})
     return paths
 
 
@@ -508,3 +554,385 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
         "matrix": cm.matrix,
         "num_images": num_images,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints for inference (shared with `cluda.predict`)
+# --------------------------------------------------------------------------------------------
+
+class InputError(Exception):
+    """Bad input the user can fix: a missing or truncated file, a config that does not fit the
+    checkpoint's weights, an unreadable image. The command lines print its one-line message
+    and exit with status 2, without a traceback."""
+
+
+@contextlib.contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn the errors that bad files and configs raise (FileNotFoundError, PermissionError,
+    ValueError, which includes `cluda.config.ConfigError`) into `InputError`.
+
+    Only the loading steps run inside it, so a bug in the model or the metrics still shows its
+    traceback."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ValueError) as err:
+        raise InputError(" ".join(str(err).split())) from err  # one line
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def model_config_differences(stored: Mapping[str, Any], cfg: Config) -> list[str]:
+    """Where the `model` section of `cfg` differs from a checkpoint's stored config.
+
+    Args:
+        stored: the checkpoint's "config" entry (a plain nested dict; keys it lacks count as the
+            schema's defaults).
+        cfg: the config the network is about to be built from.
+
+    Returns:
+        One "model.key: <value> here, <value> in the checkpoint" string per differing key,
+        `model.pretrained` left out (the weights come from the checkpoint anyway).
+    """
+    used = _flatten(config_to_dict(cfg)["model"], "model")
+    defaults = _flatten(config_to_dict(Config())["model"], "model")
+    raw = stored.get("model") if isinstance(stored, Mapping) else None
+    have = _flatten(raw, "model") if isinstance(raw, Mapping) else {}
+    diffs = []
+    for key, value in used.items():
+        old = have.get(key, defaults.get(key))
+        if key != "model.pretrained" and old != value:
+            diffs.append(f"{key}: {value!r} here, {old!r} in the checkpoint")
+    return diffs
+
+
+def load_inference_model(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                         overrides: Sequence[str] = (), weights: str = "student"
+                         ) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild a trained network from a `train.py` checkpoint, reading the file once.
+
+    The network is built from the checkpoint's stored config, or from the YAML file `config`
+    when given (e.g. other data paths on this machine); `--section.key=value` overrides apply
+    to either. The weights must fit the network exactly (`load_state_checked`); when they do
+    not and the model section in use differs from the stored one, the error names those keys.
+
+    Args:
+        checkpoint: a `latest.pt` / `best.pt` written by `train.py`.
+        config: a YAML experiment used instead of the stored config, or None.
+        overrides: `--section.key=value` strings.
+        weights: "student" (what DAFormer / HRDA evaluate) or "teacher" (the EMA network).
+
+    Returns:
+        (network in eval mode on the CPU, its Config, info) with info = {"checkpoint": path,
+        "iteration": int (-1 if not stored), "weights": str, "model_differences": list of
+        model keys that differ from the stored config but do not change the weights' shapes
+        (e.g. `model.hrda.hr_slide_size`)}.
+
+    Raises:
+        InputError: missing / truncated / foreign checkpoint, bad config or override, no such
+            weights in the file, weights that do not fit the network.
+    """
+    path = os.fspath(checkpoint)
+    if weights not in ("student", "teacher"):
+        raise InputError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    with input_errors():
+        state = load_checkpoint(path, map_location="cpu")
+        if config is not None:
+            cfg = load_experiment(os.fspath(config), list(overrides))
+        else:
+            cfg = config_from_checkpoint(state, path=path, overrides=tuple(overrides))
+        if state.get(weights) is None:
+            hint = " (a source-only run has no teacher; use the student)" \
+                if weights == "teacher" else ""
+            raise ValueError(f"checkpoint {path} holds no {weights} weights{hint}")
+        diffs = model_config_differences(state["config"], cfg)
+        # The weights come from the checkpoint: never read an ImageNet file for the encoder.
+        model = build_model(dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
+        try:
+            load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
+        except ValueError as err:
+            if not diffs:
+                raise
+            where = f"config {config} differs" if config is not None else "the overrides differ"
+            raise ValueError(f"{err}; {where} from the checkpoint's stored config in "
+                             + "; ".join(diffs)) from err
+    iteration = state.get("iteration")
+    info = {"checkpoint": path, "iteration": int(iteration) if iteration is not None else -1,
+            "weights": weights, "model_differences": diffs}
+    return model.eval(), cfg, info
+
+
+def note_model_differences(diffs: Sequence[str]) -> None:
+    """Tell the user (stderr) that the network was built with model settings other than the
+    stored ones: the weights fit, but inference may differ (e.g. HRDA's HR window size)."""
+    if diffs:
+        print("note: the model section differs from the checkpoint's stored config (the weights "
+              "fit): " + "; ".join(diffs), file=sys.stderr)
+
+
+def inference_device(cfg: Config) -> torch.device:
+    """`experiment.device` as a torch device; InputError if CUDA is asked for and absent."""
+    try:
+        return resolve_device(cfg)
+    except RuntimeError as err:
+        raise InputError(str(err)) from err
+
+
+def inference_context(device: torch.device, cfg: Config) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on CUDA when `train.amp` is set, as `train.py` evaluates during
+    training (so the numbers agree); nothing on the CPU."""
+    if device.type == "cuda" and cfg.train.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating a checkpoint, and the command line
+# --------------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                        overrides: Sequence[str] = (), weights: str = "student",
+                        progress: bool = True) -> dict[str, Any]:
+    """mIoU and per-class IoU / accuracy of a checkpoint on its target validation split.
+
+    Data set, inference mode, protocols, test-time augmentation and device come from the
+    config (see `load_inference_model`): `data.val`, `eval.*`, `experiment.device`.
+
+    Args:
+        checkpoint: a checkpoint written by `train.py`.
+        config: a YAML experiment used instead of the stored config, or None.
+        overrides: `--section.key=value` strings, e.g. `--eval.mode=slide`.
+        weights: "student" or "teacher".
+        progress: show a tqdm bar.
+
+    Returns:
+        `evaluate`'s dict ({"metrics": {protocol: metrics dict}, "matrix", "num_images"}) plus
+        "config" (the Config used), "device" (str) and the info of `load_inference_model`.
+    """
+    model, cfg, info = load_inference_model(checkpoint, config=config, overrides=overrides,
+                                            weights=weights)
+    device = inference_device(cfg)
+    v = cfg.data.val
+    if v.split not in (None, "val") and v.kind in ("gta", "synthia"):
+        raise InputError(f"data.val.split {v.split!r}: {v.kind} data sets have no splits")
+    with input_errors():
+        val = build_val_dataset(cfg)
+    if len(val) == 0:
+        raise InputError(f"the validation set of data.val ({cfg.data.val.kind}, root "
+                         f"{cfg.data.val.root}, split {cfg.data.val.split or 'val'}) is empty")
+    loader = torch.utils.data.DataLoader(val, batch_size=cfg.eval.batch_size,
+                                         num_workers=cfg.eval.workers,
+                                         generator=torch.Generator())
+    model.to(device)
+    with inference_context(device, cfg):
+        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
+                          protocols=cfg.eval.protocols, flip=cfg.eval.flip,
+                          scales=cfg.eval.scales, device=device, progress=progress)
+    result.update(info, config=cfg, device=str(device))
+    return result
+
+
+def _describe(result: Mapping[str, Any]) -> list[str]:
+    """The Markdown's lines on what was evaluated and how."""
+    cfg: Config = result["config"]
+    v, e = cfg.data.val, cfg.eval
+    where = f" at `{v.root}`" if v.root else ""
+    mode = e.mode if e.mode == "whole" else f"slide (window {e.crop_size}, stride {e.stride})"
+    if cfg.model.hrda.enabled:
+        mode += (f"; HRDA, HR windows {cfg.model.hrda.hr_slide_size} every "
+                 f"{cfg.model.hrda.hr_slide_stride}")
+    return [
+        f"checkpoint: `{result['checkpoint']}`, {result['weights']} weights, iteration "
+        f"{result['iteration']}",
+        f"model: {cfg.model.backbone}, {cfg.model.channels} fused channels"
+        + (", HRDA" if cfg.model.hrda.enabled else ""),
+        f"data: {v.kind}{where}, split {v.split or 'val'}, {result['num_images']} images"
+        + (f", resized to {v.scale}" if v.scale else ""),
+        f"inference: {mode}; flip {'on' if e.flip else 'off'}; scales {list(e.scales)}; "
+        f"device {result['device']}",
+    ]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an absent class) -> None, tuples -> lists, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def render_evaluation(result: Mapping[str, Any], stem: str) -> dict[str, str]:
+    """All files of one evaluation, {file name: text}, rendered before anything is written.
+
+    Per protocol the Markdown and CSV tables of `render_metrics`, named `<stem>.md/.csv` for
+    one protocol and `<stem>_<protocol>.md/.csv` for several (as `train.py --eval-only`);
+    and `<stem>.json` with every number at full precision (NaN written as null), the
+    confusion matrix and the settings."""
+    _check_stem(stem)
+    metrics = result["metrics"]
+    details = _describe(result)
+    files: dict[str, str] = {}
+    for p, m in metrics.items():
+        name = stem if len(metrics) == 1 else f"{stem}_{p}"
+        texts = render_metrics(m, details=details)
+        files[f"{name}.md"] = texts["markdown"]
+        files[f"{name}.csv"] = texts["csv"]
+    cfg: Config = result["config"]
+    summary = {
+        "checkpoint": os.path.abspath(result["checkpoint"]),
+        "iteration": result["iteration"],
+        "weights": result["weights"],
+        "device": result["device"],
+        "num_images": result["num_images"],
+        "data": config_to_dict(cfg)["data"]["val"],
+        "eval": config_to_dict(cfg)["eval"],
+        "metrics": {str(p): {k: v for k, v in m.items()} for p, m in metrics.items()},
+        "class_names": list(CLASS_NAMES),
+        "confusion_matrix": result["matrix"].cpu().tolist(),
+    }
+    # One top-level key per line (the confusion matrix on one line too): diffable, still JSON.
+    lines = [f"{json.dumps(k)}: {json.dumps(v, allow_nan=False)}"
+             for k, v in _json_safe(summary).items()]
+    files[f"{stem}.json"] = "{\n " + ",\n ".join(lines) + "\n}\n"
+    return files
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluda.evaluate", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Evaluate a train.py checkpoint on the target validation split: per-class IoU in\n"
+            "the column order of the CLUDA paper's Table 1, mIoU for the 19 / 16 / 13-class\n"
+            "protocols.\n"
+            "The network is rebuilt from the config stored in the checkpoint (or from --config);\n"
+            "any --section.key=value argument overrides that config, e.g.\n"
+            "--data.val.root=/data/cityscapes or --data.val.max_images=50. The flags below are\n"
+            "shortcuts for such overrides and win over them. On CUDA, inference runs under\n"
+            "bfloat16 autocast when train.amp is set, as during training (--train.amp=false\n"
+            "turns it off)."),
+        epilog=(
+            "writes, into --out (default: the checkpoint's folder), at the end, atomically:\n"
+            "  eval_<checkpoint>[_<split>][_teacher].md    IoU and accuracy tables (Markdown)\n"
+            "  eval_<checkpoint>[_<split>][_teacher].csv   the IoU table (CSV)\n"
+            "  eval_<checkpoint>[_<split>][_teacher].json  every number, the confusion matrix\n"
+            "with several protocols, the .md / .csv names end in _<protocol> (e.g. _16, _13).\n\n"
+            "examples:\n"
+            "  python -m cluda.evaluate --checkpoint work_dirs/demo/best.pt\n"
+            "  python -m cluda.evaluate --checkpoint best.pt --data.val.root=/data/cityscapes \\\n"
+            "      --mode slide --protocols 16 13 --out results/\n\n"
+            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a latest.pt / best.pt written by train.py")
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="build the network and data from this experiment instead of the "
+                             "checkpoint's stored config (its model section must fit the weights)")
+    parser.add_argument("--split", default=None,
+                        help="split of the validation data set (data.val.split; default val)")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="which network of the checkpoint (default: student)")
+    parser.add_argument("--protocols", type=int, nargs="+", choices=sorted(PROTOCOLS),
+                        default=None, metavar="P",
+                        help="19 (GTA -> CS) and / or 16 13 (SYNTHIA -> CS) (eval.protocols)")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="horizontal-flip test-time augmentation (eval.flip)")
+    parser.add_argument("--scales", type=float, nargs="+", default=None, metavar="S",
+                        help="multi-scale test-time augmentation, e.g. 0.75 1.0 1.25 (eval.scales)")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
+                        help="whole image or sliding window with eval.crop_size / eval.stride "
+                             "(eval.mode)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: the checkpoint's folder)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where to run (experiment.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
+
+
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+              *, intermixed: bool = False) -> tuple[argparse.Namespace, list[str]]:
+    """Parse `argv`. Every `--section.key=value` argument is a config override (returned as the
+    second element, in order); they are taken out before argparse sees them, since argparse
+    would read one whose value holds a space (`--eval.stride=[256, 256]`) as a positional.
+    Anything else the parser does not know is a usage error (exit status 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    rest = [a for a in argv if not _OVERRIDE.match(a)]
+    if intermixed:
+        args, extra = parser.parse_known_intermixed_args(rest)
+    else:
+        args, extra = parser.parse_known_args(rest)
+    if extra:
+        parser.error(f"unrecognised arguments {extra}; config overrides are --section.key=value")
+    return args, overrides
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The common flags as `--section.key=value` overrides (values written as Python literals,
+    which `cluda.config.parse_overrides` reads back exactly)."""
+    out = []
+    for flag, key in (("split", "data.val.split"), ("protocols", "eval.protocols"),
+                      ("flip", "eval.flip"), ("scales", "eval.scales"), ("mode", "eval.mode"),
+                      ("device", "experiment.device")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"--{key}={list(value) if isinstance(value, list) else value!r}")
+    return out
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """An output folder that exists or can be created (checked before any work is done)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output folder {path} exists and is not a folder")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cluda.evaluate`; see `--help`. Returns the exit status."""
+    args, overrides = parse_cli(_eval_parser(), argv)
+    try:
+        ckpt = Path(args.checkpoint)
+        out_dir = check_out_dir(args.out if args.out is not None else ckpt.parent)
+        result = evaluate_checkpoint(ckpt, config=args.config,
+                                     overrides=overrides + flag_overrides(args),
+                                     weights=args.weights, progress=not args.no_progress)
+        split = result["config"].data.val.split or "val"
+        stem = f"eval_{ckpt.stem}" + ("" if split == "val" else f"_{split}") \
+            + ("_teacher" if args.weights == "teacher" else "")
+        with input_errors():
+            files = render_evaluation(result, stem)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for p, m in result["metrics"].items():
+        print(f"\n{p}-class protocol, per-class IoU (%), {result['num_images']} images:")
+        print(format_table(m), end="")
+    note_model_differences(result["model_differences"])
+    written = atomic_write_files({out_dir / name: text for name, text in files.items()})
+    summary = ", ".join(f"{100 * m['mIoU']:.2f} ({p} classes)"
+                        for p, m in result["metrics"].items())
+    print(f"\nmIoU {summary}; wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
