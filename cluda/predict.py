@@ -22,22 +22,47 @@ id 0, "unlabeled".
 Every file is written atomically (temporary file + `os.replace`, see
 `cluda.evaluate.atomic_write_files`), and all images of one call are encoded before any is
 written, so bad input leaves nothing half-written.
+
+Command lines (`main`, see `--help`):
+
+    python -m cluda.predict --checkpoint CKPT IMAGES_OR_DIRS... --out DIR
+        [--mode whole|slide] [--device cpu|cuda] [--config C] [--section.key=value ...]
+    python -m cluda.predict compare --checkpoints SOURCE_ONLY.pt ADAPTED.pt [--config C]
+        [--num 4] --out FIG.png
+
+The first (`predict_files`) lists and decodes every input and loads the checkpoint before it
+writes anything, then writes each image's four PNGs atomically as soon as it is predicted: bad
+input (an unreadable image, named in the message) writes nothing, and an interruption later
+leaves only complete outputs. The second (`compare_checkpoints`) predicts every panel first
+and writes the figure last. Predictions use the evaluation's pipeline (`data.val.scale`
+resize, `eval` mode and test-time augmentation, probabilities brought back to the image's
+full resolution), so they are exactly the maps `python -m cluda.evaluate` scores.
 """
 from __future__ import annotations
 
+import argparse
 import io
 import os
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from tqdm import tqdm
 
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
-from cluda.evaluate import atomic_write_files
+from cluda.data.transforms import denormalize, normalize, resize
+from cluda.evaluate import (InputError, atomic_write_files, check_out_dir, flag_overrides,
+                            inference_context, inference_device, input_errors,
+                            load_inference_model, note_model_differences, parse_cli,
+                            predict_probs)
+from cluda.experiment import build_val_dataset, make_predict_fn
 
-__all__ = ["read_image", "trainid_to_labelid", "overlay", "save_prediction", "comparison_figure"]
+__all__ = ["read_image", "trainid_to_labelid", "overlay", "save_prediction", "comparison_figure",
+           "IMAGE_SUFFIXES", "list_images", "check_images", "predict_image", "predict_files",
+           "compare_checkpoints", "main"]
 
 # Train id -> Cityscapes label id, 256 entries so any uint8 indexes it; 255 and unused -> 0.
 _LABELID_LUT = np.zeros(256, dtype=np.uint8)
@@ -268,3 +293,353 @@ def comparison_figure(rows: Sequence[Sequence[Any]], out_path: str | os.PathLike
     figure = np.asarray(canvas).copy()
     atomic_write_files({Path(out_path): _png(figure)})
     return figure
+
+
+# --------------------------------------------------------------------------------------------
+# Predicting images with a checkpoint, and the command lines
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def list_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named on the command line: files as given, folders searched recursively for
+    `IMAGE_SUFFIXES` (sorted; hidden files skipped). A file listed twice is kept once.
+
+    Raises:
+        InputError: a path that does not exist, a folder without images, or two images whose
+            outputs would share a name (outputs are named by the file's stem).
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not f.name.startswith("."))
+            if not found:
+                raise InputError(f"no image files ({' '.join(IMAGE_SUFFIXES)}) under {path}")
+        elif path.is_file():
+            found = [path]
+        else:
+            raise InputError(f"no image file or folder at {path}")
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
+    by_stem: dict[str, Path] = {}
+    for f in files:
+        if f.stem in by_stem:
+            raise InputError(f"{by_stem[f.stem]} and {f} would write the same outputs "
+                             f"({f.stem}_*.png); predict them into separate --out folders")
+        by_stem[f.stem] = f
+    return files
+
+
+def check_images(files: Sequence[Path]) -> None:
+    """Decode every image once, before anything is written; InputError naming each one that
+    cannot be read (all of them, on one line)."""
+    bad = []
+    for f in files:
+        try:
+            read_image(f)
+        except (ValueError, FileNotFoundError, PermissionError) as err:
+            bad.append(" ".join(str(err).split()))
+    if len(bad) == 1:
+        raise InputError(bad[0])
+    if bad:
+        raise InputError(f"{len(bad)} of {len(files)} images cannot be read: " + "; ".join(bad))
+
+
+@torch.no_grad()
+def predict_image(predict_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *,
+                  scale: Sequence[int] | None = None, num_classes: int = NUM_CLASSES,
+                  flip: bool = False, scales: Sequence[float] = (1.0,),
+                  device: torch.device | str = "cpu") -> np.ndarray:
+    """Train ids of one image at its full resolution, as the evaluation computes them.
+
+    The image is resized to `scale` (keep-ratio (long, short) bounds, as `data.val.scale` in
+    evaluation) and normalised; the class probabilities (`cluda.evaluate.predict_probs`, with
+    the same test-time augmentation) are brought back to the image's size before the argmax.
+
+    Args:
+        predict_fn: img (1, 3, h, w) -> logits (1, K, h', w'), e.g. from
+            `cluda.experiment.make_predict_fn`.
+        image: (H, W, 3) uint8 RGB.
+        scale: (long, short) resize bounds, or None to run at full resolution.
+        num_classes: K.
+        flip / scales: test-time augmentation.
+        device: where the input goes (the model's device).
+
+    Returns:
+        (H, W) uint8 train ids.
+    """
+    image = _rgb_array(image)
+    resized, _ = resize(image, None, scale=None if scale is None else tuple(scale))
+    x = normalize(resized)[None].to(device)  # (1, 3, h, w)
+    probs = predict_probs(predict_fn, x, out_size=image.shape[:2], num_classes=num_classes,
+                          flip=flip, scales=scales)  # (1, K, H, W)
+    return probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+
+
+def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike],
+                  out_dir: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                  overrides: Sequence[str] = (), weights: str = "student", alpha: float = 0.5,
+                  progress: bool = True) -> list[dict[str, Path]]:
+    """Predict image files with a checkpoint and save each as colour / overlay / trainId /
+    labelId PNGs (`save_prediction`, layout in the module docstring).
+
+    Every input is listed and decoded and the network is loaded before the first file is
+    written, so bad input writes nothing; each image's four files are then written atomically
+    as soon as it is predicted. Resize, inference mode and test-time augmentation follow the
+    config's `data.val.scale` and `eval` section, as in evaluation.
+
+    Args:
+        checkpoint: a checkpoint written by `train.py`.
+        inputs: image files and / or folders (searched recursively).
+        out_dir: output root.
+        config / overrides / weights: as `cluda.evaluate.load_inference_model`.
+        alpha: weight of the colours in the overlays.
+        progress: show a tqdm bar.
+
+    Returns:
+        `save_prediction`'s paths, one dict per image, in input order.
+
+    Raises:
+        InputError: see `list_images`, `check_images`, `load_inference_model`; or an image the
+            network rejects (e.g. smaller than MiT's minimum), naming it, after the images
+            before it were written.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InputError(f"alpha must lie in [0, 1], got {alpha}")
+    out_dir = check_out_dir(out_dir)
+    files = list_images(inputs)
+    check_images(files)
+    model, cfg, info = load_inference_model(checkpoint, config=config, overrides=overrides,
+                                            weights=weights)
+    note_model_differences(info["model_differences"])
+    device = inference_device(cfg)
+    model.to(device)
+    predict_fn = make_predict_fn(model, cfg)
+    written = []
+    for f in tqdm(files, disable=not progress, desc="predict"):
+        image = read_image(f)
+        try:
+            with inference_context(device, cfg):
+                pred = predict_image(predict_fn, image, scale=cfg.data.val.scale,
+                                     num_classes=cfg.model.num_classes, flip=cfg.eval.flip,
+                                     scales=cfg.eval.scales, device=device)
+        except ValueError as err:  # the network's own input checks, e.g. an image too small
+            raise InputError(f"cannot predict {f}: {' '.join(str(err).split())} (the "
+                             f"{len(written)} images before it are written)") from err
+        written.append(save_prediction(pred, out_dir, f.stem, image=image, alpha=alpha))
+    return written
+
+
+def _spread(n: int, num: int) -> list[int]:
+    """`num` indices spread evenly over range(n), first and last included."""
+    if num == 1:
+        return [0]
+    return [round(i * (n - 1) / (num - 1)) for i in range(num)]
+
+
+def compare_checkpoints(checkpoints: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
+                        config: str | os.PathLike | None = None, overrides: Sequence[str] = (),
+                        weights: str = "student", num: int = 4,
+                        indices: Sequence[int] | None = None,
+                        titles: Sequence[str] = ("source only", "adapted"),
+                        panel_width: int | None = None, progress: bool = True) -> np.ndarray:
+    """The CLUDA paper's Figure 3 from checkpoints: per validation image, the input, its ground
+    truth and each checkpoint's prediction at the label's resolution (`comparison_figure`).
+
+    Each network is run as `cluda.evaluate` would run it: built from its own stored config
+    (or from `config`), with that config's inference mode and test-time augmentation. The
+    images come from the validation split of `config`, or else of the last checkpoint's stored
+    config (overrides apply everywhere, e.g. `--data.val.root=...`).
+
+    Args:
+        checkpoints: one or more checkpoints, one column each (the paper: source-only, adapted).
+        out_path: the PNG to write (atomically, after every prediction is made).
+        config / overrides / weights: as `cluda.evaluate.load_inference_model`.
+        num: how many validation images, spread evenly over the split (ignored with `indices`).
+        indices: explicit validation-set indices, one row each.
+        titles: column titles of the predictions, one per checkpoint.
+        panel_width: width of each panel; default min(512, image width).
+        progress: show a tqdm bar.
+
+    Returns:
+        The figure, (H_fig, W_fig, 3) uint8.
+    """
+    if not checkpoints:
+        raise InputError("name at least one checkpoint")
+    titles = [str(t) for t in titles]
+    if len(titles) != len(checkpoints):
+        raise InputError(f"{len(checkpoints)} checkpoints need {len(checkpoints)} titles, got "
+                         f"{titles}")
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise InputError(f"--out {out_path} is a folder; name the PNG file to write")
+    if panel_width is not None and panel_width < 1:
+        raise InputError(f"panel width must be a positive number of pixels, got {panel_width}")
+    loaded = [load_inference_model(c, config=config, overrides=overrides, weights=weights)
+              for c in checkpoints]
+    for _, _, info in loaded:
+        note_model_differences(info["model_differences"])
+    data_cfg = loaded[-1][1]
+    device = inference_device(data_cfg)
+    with input_errors():
+        val = build_val_dataset(data_cfg)
+    n = len(val)
+    if indices is not None:
+        indices = [int(i) for i in indices]
+        wrong = [i for i in indices if not 0 <= i < n]
+        if wrong or not indices:
+            raise InputError(f"indices {wrong or indices} are not in the validation set of "
+                             f"{n} images (0..{n - 1})")
+    else:
+        if num < 1 or num > n:
+            raise InputError(f"--num {num}: the validation set holds {n} images")
+        indices = _spread(n, num)
+    runs = []
+    for model, cfg, _ in loaded:
+        model.to(device)
+        runs.append((make_predict_fn(model, cfg), cfg))
+    rows = []
+    for i in tqdm(indices, disable=not progress, desc="compare"):
+        with input_errors():
+            sample = val[i]
+        img, label = sample["img"], sample["label"]  # (3, h, w) normalised, (H, W) train ids
+        height, width = label.shape
+        rgb = denormalize(img)  # (h, w, 3) uint8, at the resized input's size
+        if rgb.shape[:2] != (height, width):
+            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+        row = [rgb, label.numpy()]
+        for predict_fn, cfg in runs:
+            with inference_context(device, cfg):
+                probs = predict_probs(predict_fn, img[None].to(device), out_size=(height, width),
+                                      num_classes=cfg.model.num_classes, flip=cfg.eval.flip,
+                                      scales=cfg.eval.scales)
+            row.append(probs.argmax(dim=1)[0].to(torch.uint8).cpu().numpy())
+        rows.append(row)
+    width = panel_width if panel_width is not None else min(512, rows[0][0].shape[1])
+    return comparison_figure(rows, out_path, titles=("input", "ground truth", *titles),
+                             panel_width=width)
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluda.predict", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Predict images with a train.py checkpoint: colourised predictions (Cityscapes\n"
+            "palette), overlays on the input, and train-id / label-id PNGs, all at each image's\n"
+            "full resolution. The network, its input resize (data.val.scale), inference mode\n"
+            "and test-time augmentation (eval.*) come from the checkpoint's stored config (or\n"
+            "--config); --section.key=value arguments override it.\n\n"
+            "Sub-command: python -m cluda.predict compare ...  (the side-by-side figure from two\n"
+            "checkpoints; see python -m cluda.predict compare --help)."),
+        epilog=(
+            "writes, under --out:\n"
+            "  color/<stem>_color.png        Cityscapes palette\n"
+            "  overlay/<stem>_overlay.png    palette blended over the input (--alpha)\n"
+            "  trainIds/<stem>_trainIds.png  train ids 0..18\n"
+            "  labelIds/<stem>_labelIds.png  Cityscapes label ids: submit this folder to the\n"
+            "                                Cityscapes benchmark (stems <city>_<seq>_<frame>...)\n"
+            "every input is decoded and the checkpoint loaded before anything is written; each\n"
+            "image's files are then written atomically as it is predicted.\n\n"
+            "examples:\n"
+            "  python -m cluda.predict --checkpoint work_dirs/demo/best.pt street.png --out preds\n"
+            "  python -m cluda.predict --checkpoint best.pt /data/cityscapes/leftImg8bit/val \\\n"
+            "      --out preds --mode slide\n\n"
+            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, or folders searched recursively for images")
+    parser.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a latest.pt / best.pt written by train.py")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _common_arguments(parser)
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="weight of the colours in the overlays (default 0.5)")
+    return parser
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="build the network from this experiment instead of the "
+                             "checkpoint's stored config (its model section must fit the weights)")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="which network of the checkpoint (default: student)")
+    parser.add_argument("--mode", choices=("whole", "slide"), default=None,
+                        help="whole image or sliding window with eval.crop_size / eval.stride "
+                             "(eval.mode)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where to run (experiment.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _compare_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluda.predict compare", allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "The CLUDA paper's Figure 3: for a few validation images, input / ground truth /\n"
+            "prediction of each checkpoint side by side, as one PNG. Each checkpoint is run as\n"
+            "python -m cluda.evaluate runs it (its stored config, or --config, plus\n"
+            "--section.key=value overrides); the images come from the validation split of\n"
+            "--config, or else of the last checkpoint's stored config."),
+        epilog=(
+            "example:\n"
+            "  python -m cluda.predict compare --checkpoints source_only/best.pt cluda/best.pt \\\n"
+            "      --num 4 --out figure3.png\n\n"
+            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+    parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("CKPT_A", "CKPT_B"),
+                        help="e.g. the source-only and the adapted checkpoint")
+    parser.add_argument("--out", required=True, metavar="FIG.png", help="the PNG to write")
+    parser.add_argument("--num", type=int, default=4,
+                        help="validation images, spread evenly over the split (default 4)")
+    parser.add_argument("--indices", type=int, nargs="+", default=None, metavar="I",
+                        help="these validation images instead of --num")
+    parser.add_argument("--titles", nargs=2, default=("source only", "adapted"),
+                        metavar=("TITLE_A", "TITLE_B"),
+                        help="column titles of the two predictions (default: 'source only' "
+                             "'adapted')")
+    parser.add_argument("--panel-width", type=int, default=None, metavar="PX",
+                        help="width of each panel (default: the image width, at most 512)")
+    _common_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m cluda.predict [compare]`; see `--help`. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compare = argv[:1] == ["compare"]
+    if compare:
+        args, overrides = parse_cli(_compare_parser(), argv[1:])
+    else:
+        args, overrides = parse_cli(_predict_parser(), argv, intermixed=True)
+    overrides = overrides + flag_overrides(args)
+    try:
+        if compare:
+            figure = compare_checkpoints(
+                args.checkpoints, args.out, config=args.config, overrides=overrides,
+                weights=args.weights, num=args.num, indices=args.indices, titles=args.titles,
+                panel_width=args.panel_width, progress=not args.no_progress)
+        else:
+            written = predict_files(args.checkpoint, args.inputs, args.out, config=args.config,
+                                    overrides=overrides, weights=args.weights, alpha=args.alpha,
+                                    progress=not args.no_progress)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if compare:
+        print(f"wrote {args.out} ({figure.shape[1]} x {figure.shape[0]} px)")
+    else:
+        kinds = "color/, overlay/, trainIds/, labelIds/"
+        print(f"wrote {len(written)} predictions under {args.out} ({kinds}); labelIds/ is the "
+              "Cityscapes benchmark's format")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
