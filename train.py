@@ -102,6 +102,15 @@ class IterationBatches(torch.utils.data.Sampler):
         return max(self.stop - self.start, 0)
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does this before each forward;
+    doing it before the EMA update too keeps the teachers identical across ranks, and before
+    evaluating / saving makes the evaluated and saved student the same on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def seed_iteration(seed: int, it: int, rank: int) -> None:
     """Seed the global RNGs (dropout, drop path) from (seed, iteration, rank)."""
     s = step_seed(seed, it, rank, stream=1)
@@ -122,15 +131,16 @@ def set_rng_states(states: Dict) -> None:
 
 
 class CSVLog:
-    """Rows of floats with a fixed header, appended to `path`; on resume, rows at or after the
-    resumed iteration (written after the checkpoint by the interrupted run) are dropped."""
+    """Rows of floats with a fixed header, appended to `path`. A row is labelled with the number
+    of iterations done; on resume from a checkpoint after `keep_until` iterations, later rows
+    (written by the interrupted run after its checkpoint) are dropped."""
 
-    def __init__(self, path: str, columns: Sequence[str], *, resume_from: Optional[int] = None):
+    def __init__(self, path: str, columns: Sequence[str], *, keep_until: Optional[int] = None):
         self.path, self.columns = path, ["iteration"] + list(columns)
         rows = []
-        if resume_from is not None and os.path.isfile(path):
+        if keep_until is not None and os.path.isfile(path):
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < resume_from]
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= keep_until]
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
@@ -195,6 +205,8 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     Returns the loss terms, their sum ("loss"), the step's statistics and the encoder lr."""
     student.train()
     seed_iteration(cfg.experiment.seed, it, rank)
+    if world > 1:
+        broadcast_buffers(student)
     if teacher is not None and step.target_active(it):
         # DAFormer: at the first self-training iteration alpha is 0, i.e. the teacher is a copy.
         ema_update(teacher, student, ema_alpha(it - step.start_iter, cfg.uda.ema_alpha))
@@ -318,9 +330,12 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     optimizer, scheduler = build_optimizer(cfg, student)
     net: torch.nn.Module = TrainForward(student)
     if world > 1:
-        # HRDA's feature-weight head is unused when no CL term reads delta: let DDP look.
+        # HRDA's feature-weight head gets no gradient in iterations where no CL term reads delta
+        # (e.g. multires "lr", or a warm-up without source CL): only then let DDP search the graph.
+        unused = (getattr(student, "feature_weight_head", None) is not None
+                  and not (step.uses_delta(0) and step.uses_delta(step.start_iter)))
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=getattr(net, "is_hrda", False))
+                                      find_unused_parameters=unused)
 
     start_iter, best = 0, {"metric": main_metric, "value": -1.0, "iteration": -1}
     if resume is not None:
@@ -354,9 +369,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     if main_proc:
         stat_cols = ["gamma", "pasted"] if step.self_training else []
         train_log = CSVLog(os.path.join(out, "log.csv"), terms + ["loss"] + stat_cols + ["lr", "sec_per_it"],
-                           resume_from=start_iter)
+                           keep_until=start_iter)
         eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
-        eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, resume_from=start_iter + 1)
+        eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
         tb = open_tensorboard(out, cfg.train.tensorboard)
         print(f"{type(student).__name__} ({cfg.model.backbone}), {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M "
               f"parameters, device {device}, {world} process(es); terms: {', '.join(terms)}; outputs in {out}")
@@ -390,7 +405,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
                     tb.add_scalar(f"train/{k}", v, done)
             window, t_last = {}, time.time()
 
-        if done == max_iters or (cfg.train.eval_interval and done % cfg.train.eval_interval == 0):
+        evaluate_now = done == max_iters or (cfg.train.eval_interval and done % cfg.train.eval_interval == 0)
+        save_now = done == stop or (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0)
+        if world > 1 and (evaluate_now or save_now):
+            broadcast_buffers(student)
+        if evaluate_now:
             metrics = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
             value = metrics[cfg.eval.protocols[0]]["mIoU"]
             if main_proc:
@@ -407,8 +426,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
                 plot_curves(train_log, eval_log, os.path.join(out, "curves.png"), main_metric=main_metric)
             t_last = time.time()  # evaluation time is not training time
 
-        if main_proc and (done == stop or (cfg.train.checkpoint_interval
-                                           and done % cfg.train.checkpoint_interval == 0)):
+        if main_proc and save_now:
             checkpoint(os.path.join(out, "latest.pt"), cfg=cfg, it_next=done, student=student,
                        teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best)
     bar.close()

@@ -243,7 +243,8 @@ class UDAStep:
                 names.append("mix.cl")
         return names
 
-    def _uses_delta(self, it: int) -> bool:
+    def uses_delta(self, it: int) -> bool:
+        """Whether a loss at iteration `it` reads HRDA's feature weight delta."""
         return self.multires == "weighted" and (
             self.cl_source or (self.cl_mixed and self.target_active(it)))
 
@@ -275,7 +276,7 @@ class UDAStep:
                              f"{tuple(source_label.shape)} must be (B, 3, H, W) and (B, H, W)")
         hrda: Optional[HRDA] = fwd.model if fwd.is_hrda else None
         gen = step_generator(self.seed, it, rank)
-        with_delta = self._uses_delta(it)
+        with_delta = self.uses_delta(it)
         losses: Dict[str, torch.Tensor] = {}
         stats: Dict[str, float] = {}
 

@@ -1,0 +1,179 @@
+"""cluda.experiment: the schema (overrides, rejection, cross-field checks), the builders and the
+checkpoint files (atomic save, clear errors, model rebuilt from the stored config)."""
+import os
+
+import pytest
+import torch
+
+from cluda.config import ConfigError, from_dict, to_dict
+from cluda.experiment import (Config, build_dataset, build_model, build_train_dataset,
+                              build_uda_step, build_val_dataset, load_checkpoint, load_experiment,
+                              load_model_from_checkpoint, make_predict_fn, save_checkpoint)
+from cluda.models import HRDA, Segmentor
+
+TINY_MODEL = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
+              "--model.aspp_channels=8", "--model.hrda.head_channels=8"]
+
+
+def tiny(*extra):
+    return load_experiment(None, TINY_MODEL + list(extra))
+
+
+def test_defaults_are_the_papers_and_round_trip():
+    cfg = load_experiment()
+    assert (cfg.model.backbone, cfg.model.channels, cfg.optim.lr, cfg.optim.head_lr_mult) == ("mit_b5", 512, 6e-5, 10.0)
+    assert (cfg.uda.pseudo_threshold, cfg.uda.ema_alpha, cfg.uda.fd_lambda) == (0.968, 0.999, 0.005)
+    assert (cfg.train.max_iters, cfg.optim.warmup_iters, cfg.data.batch_size) == (40000, 1500, 2)
+    assert (cfg.cl.pairs, cfg.cl.weighting, cfg.cl.feat_size, cfg.cl.multires) == ("stuff+thing", "anchor", None, "weighted")
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_overrides_and_rejection_list_known_keys():
+    cfg = tiny("--cl.temperature=0.1", "--data.crop_size=[64,32]", "--cl.feat_size=[65,65]",
+               "--eval.protocols=[16,13]", "--uda.hr_crop=entropy")
+    assert cfg.cl.temperature == 0.1 and cfg.data.crop_size == [64, 32] and cfg.cl.feat_size == [65, 65]
+    assert cfg.eval.protocols == [16, 13] and cfg.uda.hr_crop == "entropy"
+    with pytest.raises(ConfigError, match=r"unknown key 'cl.temprature'; known keys of cl: .*temperature"):
+        tiny("--cl.temprature=0.1")
+    with pytest.raises(ConfigError, match=r"unknown key 'modle.backbone'; known keys: .*model"):
+        tiny("--modle.backbone=mit_b0")
+    with pytest.raises(ConfigError, match=r"cl\.pairs: expected one of \['all', 'stuff', 'stuff\+thing'\]"):
+        tiny("--cl.pairs=things")
+    with pytest.raises(ConfigError, match=r"data\.source\.kind: expected one of"):
+        tiny("--data.source.kind=kitti")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--uda.enabled=false"], "cl.mixed needs uda.enabled"),
+    (["--data.source.kind=gta"], r"data\.source\.root is required for kind 'gta'"),
+    (["--data.source.kind=cityscapes", "--data.source.root=x"], "the source must be labelled"),
+    (["--model.hrda.enabled=true", "--model.hrda.hr_crop_size=[1024,1024]"], "must fit in data.crop_size"),
+    (["--model.hrda.enabled=true", "--model.hrda.feature_weight_head=false"], "needs model.hrda.feature_weight_head"),
+    (["--eval.protocols=[17]"], "eval.protocols must list some of"),
+    (["--uda.start_iter=50", "--train.max_iters=10"], "beyond train.max_iters"),
+    (["--cl.temperature=0"], "cl.temperature must be > 0"),
+    (["--model.num_classes=16"], "model.num_classes must be 19"),
+])
+def test_cross_field_checks(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny(*overrides)
+
+
+def test_build_model_segmentor_and_hrda():
+    seg = build_model(tiny())
+    assert isinstance(seg, Segmentor) and seg.decoder.channels == 16 and seg.num_classes == 19
+    h = build_model(tiny("--model.hrda.enabled=true", "--data.crop_size=[64,64]",
+                         "--model.hrda.hr_crop_size=[32,32]", "--model.hrda.hr_loss_weight=0.2"))
+    assert isinstance(h, HRDA) and h.hr_crop_size == (32, 32) and h.hr_loss_weight == 0.2
+    assert h.feature_weight_head is not None
+    with pytest.raises(FileNotFoundError, match="no_such_weights.pth"):
+        build_model(tiny("--model.pretrained=/nowhere/no_such_weights.pth"))
+
+
+def test_build_datasets_roles_and_sizes():
+    cfg = tiny("--data.source.size=[32,64]", "--data.source.num_samples=6",
+               "--data.target.size=[32,64]", "--data.target.num_samples=5",
+               "--data.val.size=[48,64]", "--data.val.num_samples=7", "--data.val.max_images=3",
+               "--data.crop_size=[32,32]", "--data.rcs_min_pixels=10")
+    pairs = build_train_dataset(cfg, length=50)
+    assert len(pairs) == 50
+    item = pairs[11]
+    assert item["source"]["img"].shape == (3, 32, 32) and item["target"]["label"].shape == (32, 32)
+    assert item["source"]["rcs_class"] >= 0  # rare class sampling on
+    assert torch.equal(pairs[11]["source"]["img"], item["source"]["img"])  # item = f(seed, index)
+    # source and target training scenes come from different layouts (different scene seeds)
+    assert pairs.source.scene_seed != pairs.target.scene_seed and pairs.target.domain == "target"
+    val = build_val_dataset(cfg)
+    assert len(val) == 3 and val[0]["img"].shape == (3, 48, 64) and val[0]["label"].shape == (48, 64)
+    assert val.dataset.split == "val" and val.dataset.domain == "target"
+    with pytest.raises(ValueError, match="role must be one of"):
+        build_dataset(cfg.data.val, role="test")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_val_dataset(tiny("--data.val.kind=cityscapes", "--data.val.root=/nowhere"))
+
+
+def test_build_uda_step_follows_the_switches():
+    assert build_uda_step(tiny()).term_names() == ["src.ce", "src.fd", "src.cl", "mix.ce", "mix.cl"]
+    step = build_uda_step(tiny("--cl.source=false", "--cl.mixed=false", "--uda.fd=false"))
+    assert step.term_names() == ["src.ce", "mix.ce"] and step.contrastive is None
+    step = build_uda_step(tiny("--uda.enabled=false", "--cl.mixed=false", "--cl.temperature=0.2",
+                               "--cl.pairs=all", "--cl.feat_size=[9,9]"))
+    assert step.term_names() == ["src.ce", "src.fd", "src.cl"]
+    assert (step.contrastive.temperature, step.contrastive.pairs, step.contrastive.feat_size) == (0.2, "all", (9, 9))
+
+
+def test_make_predict_fn_whole_and_slide():
+    torch.manual_seed(0)
+    model = build_model(tiny()).eval()
+    x = torch.randn(1, 3, 64, 96)
+    whole = make_predict_fn(model, tiny())(x)
+    slide = make_predict_fn(model, tiny("--eval.mode=slide", "--eval.crop_size=[64,64]",
+                                        "--eval.stride=[32,32]"))(x)
+    assert whole.shape == slide.shape == (1, 19, 64, 96)
+    assert not torch.allclose(whole, slide)  # different windows, different logits
+
+
+def _state(cfg, model):
+    return {"config": to_dict(cfg), "iteration": 7, "student": model.state_dict(),
+            "teacher": None, "extra": [1, 2.5, "x"]}
+
+
+def test_checkpoint_round_trip_and_model_rebuilt_from_its_config(tmp_path):
+    cfg = tiny("--cl.temperature=0.3")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    path = tmp_path / "ck" / "latest.pt"
+    save_checkpoint(path, _state(cfg, model))
+    assert os.listdir(tmp_path / "ck") == ["latest.pt"]  # no temporary file left behind
+    state = load_checkpoint(path)
+    assert state["iteration"] == 7 and state["extra"] == [1, 2.5, "x"]
+    rebuilt, cfg2 = load_model_from_checkpoint(path)
+    assert cfg2 == cfg and not rebuilt.training
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
+    # overrides that keep the architecture are fine; ones that change it name the keys
+    _, cfg3 = load_model_from_checkpoint(path, ["--eval.mode=slide"])
+    assert cfg3.eval.mode == "slide"
+    with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch: decoder\.fuse"):
+        load_model_from_checkpoint(path, ["--model.channels=32"])
+    with pytest.raises(ValueError, match=r"missing: segmentor\.encoder.*unexpected: encoder\."):
+        load_model_from_checkpoint(path, ["--model.hrda.enabled=true", "--data.crop_size=[64,64]",
+                                          "--model.hrda.hr_crop_size=[32,32]"])
+    with pytest.raises(ValueError, match="holds no teacher weights"):
+        load_model_from_checkpoint(path, weights="teacher")
+
+
+def test_corrupt_truncated_foreign_and_missing_checkpoints(tmp_path):
+    cfg = tiny()
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, _state(cfg, build_model(cfg)))
+    data = path.read_bytes()
+    for name, payload in (("truncated.pt", data[: len(data) // 2]), ("garbage.pt", os.urandom(5000))):
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(ValueError, match=rf"{name}: the file is truncated, corrupt"):
+            load_checkpoint(tmp_path / name)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match=r"foreign\.pt is not a cluda training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError, match="absent.pt"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_a_failed_save_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    cfg = tiny()
+    path = tmp_path / "latest.pt"
+    save_checkpoint(path, _state(cfg, build_model(cfg)))
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):  # writes half a file, then the disk "fills up"
+        real_save(obj, f, *a, **k)
+        f.truncate(f.tell() // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, _state(cfg, build_model(cfg)))
+    monkeypatch.undo()
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["latest.pt"]
+    assert load_checkpoint(path)["iteration"] == 7

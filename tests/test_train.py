@@ -1,0 +1,220 @@
+"""train.py on tiny synthetic data: every config family, exact resume, corrupt checkpoints,
+--eval-only, the EMA update and the schedule. MiT-B0 with a 16-channel decoder on 32 x 64 crops."""
+import csv
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import train
+from cluda.config import ConfigError
+from cluda.experiment import (build_model, build_uda_step, load_checkpoint, load_experiment,
+                              save_checkpoint)
+from cluda.teacher import make_teacher
+from cluda.uda import StepResult, TrainForward
+
+# Tiny everything; `tiny_overrides(work_dir)` plus a family's switches is a complete run.
+TINY = [
+    "--experiment.device=cpu",
+    "--data.source.size=[32,64]", "--data.source.num_samples=12",
+    "--data.target.size=[32,64]", "--data.target.num_samples=12",
+    "--data.val.size=[32,64]", "--data.val.num_samples=3",
+    "--data.source.scale=null", "--data.target.scale=null", "--data.val.scale=null",
+    "--data.crop_size=[32,64]", "--data.rcs_min_pixels=20", "--data.batch_size=2", "--data.workers=0",
+    "--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
+    "--model.aspp_channels=8", "--model.drop_path_rate=0.0", "--model.pretrained=null",
+    "--model.hrda.head_channels=8",
+    "--uda.start_iter=1", "--uda.ema_alpha=0.99", "--uda.pseudo_threshold=0.06",
+    "--uda.ignore_top=2", "--uda.ignore_bottom=4",
+    "--cl.impl=torch", "--cl.feat_size=null",
+    "--optim.lr=0.001", "--optim.warmup_iters=2",
+    "--train.max_iters=4", "--train.log_interval=1", "--train.eval_interval=0",
+    "--train.checkpoint_interval=2", "--train.tensorboard=false",
+    "--eval.mode=whole", "--eval.protocols=[19]", "--eval.batch_size=3", "--eval.workers=0",
+]
+
+NO_CL = ["--cl.source=false", "--cl.mixed=false"]
+# MiT needs inputs of 32 px or more, and HRDA's LR view halves the crop: 64 x 64 crops here.
+HRDA = ["--model.hrda.enabled=true", "--data.source.size=[64,128]", "--data.target.size=[64,128]",
+        "--data.val.size=[64,128]", "--data.crop_size=[64,64]", "--model.hrda.hr_crop_size=[32,32]",
+        "--model.hrda.hr_slide_size=[32,32]", "--model.hrda.hr_slide_stride=[16,16]"]
+FAMILIES = {
+    # name: (overrides, loss terms)
+    "source_only": (["--uda.enabled=false", "--uda.fd=false"] + NO_CL, ["src.ce"]),
+    "daformer": (["--uda.fd=true"] + NO_CL, ["src.ce", "src.fd", "mix.ce"]),
+    "daformer_cluda": (["--uda.fd=false"], ["src.ce", "src.cl", "mix.ce", "mix.cl"]),
+    "hrda": (HRDA + ["--uda.fd=true", "--model.hrda.feature_weight_head=false"] + NO_CL,
+             ["src.ce", "src.fd", "mix.ce"]),
+    "hrda_cluda": (HRDA + ["--uda.fd=false", "--uda.hr_crop=entropy"],
+                   ["src.ce", "src.cl", "mix.ce", "mix.cl"]),
+}
+
+
+def tiny_overrides(work_dir, *extra):
+    return [f"--experiment.work_dir={work_dir}", "--experiment.name=run"] + TINY + list(extra)
+
+
+def run(work_dir, *extra):
+    """train.main on configs/demo.yaml made tiny; returns its result dict."""
+    return train.main(tiny_overrides(work_dir, *extra))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_runs_and_logs_exactly_its_terms(tmp_path, family):
+    overrides, terms = FAMILIES[family]
+    result = run(tmp_path, *overrides)
+    out = tmp_path / "run"
+    rows = read_csv(out / "log.csv")
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    loss_cols = [c for c in rows[0] if c.startswith(("src.", "mix."))]
+    assert loss_cols == terms  # switched-off terms are not even columns
+    last = rows[-1]  # iteration 4: past the warm-up (uda.start_iter = 1)
+    for t in terms:
+        v = float(last[t])
+        assert math.isfinite(v)
+        # FD is 0 until the student leaves its frozen copy, and the tiny crops rarely hold a
+        # thing-class cell at stride 32; test_uda checks FD > 0 on crafted labels.
+        assert v > 0 or t == "src.fd", (t, v)
+    if "mix.ce" in terms:
+        assert rows[0]["mix.ce"] == ""  # iteration 1 is the source-only warm-up ...
+        assert rows[0]["gamma"] == "" and 0 <= float(last["gamma"]) <= 1  # ... then Gamma is logged
+    assert float(rows[0]["src.ce"]) != float(last["src.ce"])  # the loss moves
+    assert sum(float(r["loss"]) for r in rows[1:]) != 4 * float(rows[0]["loss"])
+    # evaluation at the last iteration, files
+    evals = read_csv(out / "eval.csv")
+    assert [int(r["iteration"]) for r in evals] == [4]
+    miou = result["metrics"][19]["mIoU"]
+    assert 0 <= miou <= 1 and float(evals[0]["mIoU19"]) == pytest.approx(miou)
+    for name in ("config.yaml", "latest.pt", "best.pt", "curves.png", "val_latest.md", "val_best.csv"):
+        assert (out / name).is_file(), name
+    saved = load_experiment(str(out / "config.yaml"))
+    assert saved.train.max_iters == 4 and saved.data.source.num_samples == 12
+    state = load_checkpoint(out / "latest.pt")
+    assert state["iteration"] == 4 and (state["teacher"] is None) == (family == "source_only")
+
+
+def _tensors_equal(a, b):
+    assert a.keys() == b.keys()
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_stop_is_bitwise_identical(tmp_path):
+    extra = ["--train.max_iters=5", "--uda.start_iter=2", "--data.workers=1", "--train.checkpoint_interval=0"]
+    whole = run(tmp_path / "a", *extra)
+    first = run(tmp_path / "b", *extra, "--stop-at=3")
+    assert first["iteration"] == 3 and first["metrics"] == {}
+    assert load_checkpoint(tmp_path / "b" / "run" / "latest.pt")["iteration"] == 3
+    resumed = run(tmp_path / "b", *extra, "--resume")
+    assert _tensors_equal(whole["student"].state_dict(), resumed["student"].state_dict())
+    assert _tensors_equal(whole["teacher"].state_dict(), resumed["teacher"].state_dict())
+    assert whole["metrics"][19]["mIoU"] == resumed["metrics"][19]["mIoU"]
+    # the resumed log continues the stopped one: same iterations, same losses
+    a, b = read_csv(tmp_path / "a" / "run" / "log.csv"), read_csv(tmp_path / "b" / "run" / "log.csv")
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == ["1", "2", "3", "4", "5"]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_resume_from_a_corrupt_checkpoint_fails_clearly_and_keeps_the_good_one(tmp_path):
+    run(tmp_path, "--train.max_iters=2")
+    latest = tmp_path / "run" / "latest.pt"
+    good = latest.read_bytes()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(good[: len(good) // 3])
+    with pytest.raises(ValueError, match=r"broken\.pt.*truncated"):
+        train.main(tiny_overrides(tmp_path, "--train.max_iters=4") + ["--resume", str(broken)])
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        train.main(tiny_overrides(tmp_path) + ["--resume", str(tmp_path / "nope.pt")])
+    assert latest.read_bytes() == good
+    # a checkpoint of another model is refused with the differing section named
+    with pytest.raises(ConfigError, match="model section differs"):
+        train.main(tiny_overrides(tmp_path, "--train.max_iters=4", "--model.channels=32") + ["--resume"])
+
+
+def test_eval_only_reproduces_the_final_evaluation(tmp_path, capsys):
+    result = run(tmp_path, "--train.max_iters=2")
+    ckpt = tmp_path / "run" / "latest.pt"
+    out = train.main(["--eval-only", str(ckpt)])
+    assert out["metrics"][19]["mIoU"] == result["metrics"][19]["mIoU"]
+    assert "target mIoU (19 classes)" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval_latest.md").is_file()
+    # overrides apply to the stored config: sliding-window inference on the same checkpoint
+    out = train.main(["--eval-only", str(ckpt), "--eval.mode=slide", "--eval.crop_size=[32,32]",
+                      "--eval.stride=[16,16]"])
+    assert 0 <= out["metrics"][19]["mIoU"] <= 1
+
+
+def test_train_step_updates_the_teacher_by_ema_and_rejects_nan(tmp_path):
+    cfg = load_experiment(None, tiny_overrides(tmp_path, "--uda.start_iter=3", "--uda.ema_alpha=0.99",
+                                               "--uda.fd=false"))
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(0.5)
+    step = build_uda_step(cfg)
+    optimizer, scheduler = train.build_optimizer(cfg, student)
+    data = train.build_train_dataset(cfg, length=100)
+    batch = torch.utils.data.default_collate([data[i] for i in range(2)])
+    kw = dict(batch=batch, net=TrainForward(student), student=student, teacher=teacher, imnet=None,
+              step=step, optimizer=optimizer, scheduler=scheduler, cfg=cfg, device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    logs = train.train_step(it=2, **kw)  # warm-up: the teacher is not touched
+    assert set(logs) == {"src.ce", "src.cl", "loss", "lr"}
+    assert _tensors_equal(before, teacher.state_dict())
+    s0 = {k: v.clone() for k, v in student.state_dict().items()}
+    logs = train.train_step(it=3, **kw)  # first self-training iteration: alpha 0, a copy
+    assert {"mix.ce", "mix.cl", "gamma", "pasted"} <= set(logs)
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert all(torch.equal(t0[k], s0[k]) for k in s0 if s0[k].is_floating_point())
+    s1 = {k: v.clone() for k, v in student.state_dict().items()}
+    train.train_step(it=4, **kw)  # alpha = min(1 - 1/2, 0.99) = 0.5
+    t1 = teacher.state_dict()
+    for k in s1:
+        if s1[k].is_floating_point():
+            assert torch.allclose(t1[k], 0.5 * t0[k] + 0.5 * s1[k], atol=1e-6), k
+
+    class NaNStep:
+        start_iter = 0
+
+        def target_active(self, it):
+            return False
+
+        def __call__(self, *a, **k):
+            return StepResult({"src.ce": torch.tensor(float("nan"), requires_grad=True)}, {})
+
+    with pytest.raises(FloatingPointError, match=r"iteration 7.*src\.ce"):
+        train.train_step(it=7, **dict(kw, step=NaNStep()))
+
+
+def test_schedule_is_linear_warmup_then_poly():
+    f = train.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
+    assert f(0) == pytest.approx(1e-6)
+    assert f(5) == pytest.approx((1 - 0.05) * (1 - 0.5 * (1 - 1e-6)))
+    assert f(10) == pytest.approx(0.9) and f(50) == pytest.approx(0.5) and f(100) == 0.0
+    g = train.WarmupPoly(max_iters=100, warmup_iters=0, warmup_ratio=1e-6, power=2.0, min_ratio=0.1)
+    assert g(0) == 1.0 and g(50) == pytest.approx(0.9 * 0.25 + 0.1) and g(100) == pytest.approx(0.1)
+
+
+def test_iteration_batches_give_each_rank_its_own_items():
+    b = list(train.IterationBatches(start=2, stop=4, batch_size=3, rank=1, world=2))
+    assert b == [[15, 16, 17], [21, 22, 23]]  # (it * world + rank) * batch + slot
+    r0 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=0, world=2))
+    r1 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=1, world=2))
+    assert not set(sum(r0, [])) & set(sum(r1, []))
+
+
+def test_command_line_rejects_unknown_keys_and_arguments(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'cl.temprature'.*temperature"):
+        train.main(tiny_overrides(tmp_path, "--cl.temprature=0.1"))
+    with pytest.raises(SystemExit):
+        train.main(["configs/demo.yaml", "stray"])
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        train.main([str(tmp_path / "missing.yaml")])
