@@ -1,0 +1,173 @@
+"""Ablation on the synthetic pair: does CLUDA help DAFormer self-training there?
+
+Every run is `configs/demo.yaml` (MiT-B0 from scratch, 128 x 128 crops of 128 x 256 synthetic
+scenes, 250 source-only warm-up iterations then 250 self-training iterations, batch 4 + 4) with
+one method's switches and one seed (`experiment.seed`: initial weights, data order, ClassMix and
+augmentation draws); the scenes themselves are the same for every run. Methods:
+
+- source only: source cross-entropy for all iterations (no teacher, no target data);
+- DAFormer: warm-up, then ClassMix self-training with the EMA teacher (no contrastive term);
+- DAFormer + CLUDA: the demo itself: source CL (Eq. 3) from the start, mixed CL (Eq. 4-5) with
+  the self-training, at the full fused-feature resolution (32 x 32 per crop);
+- DAFormer + CLUDA, CL at 16 x 16: the fused features bilinearly resized before the loss, as the
+  original code's 65 x 65. That resize takes 128 x 128 features (512 crops) to 65 x 65, a factor
+  of about 0.5; 65 x 65 is larger than the demo's 32 x 32, so the same factor is applied: 16 x 16.
+
+The score is the target (synthetic "camera" look) validation mIoU over 19 classes at the last
+iteration, reported as mean and sample standard deviation over seeds.
+
+    python -m bench.ablation [--seeds 0 1 2] [--methods ...] [--work-dir work_dirs/ablation]
+
+Writes `bench/results/ablation.csv` (one row per run, rewritten after each run; runs already in it
+with the same revision are skipped, so an interrupted ablation continues) and
+`bench/results/ablation.md` (the table, with device, date and git revision).
+"""
+import argparse
+import csv
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import train  # noqa: E402  (the repository root must be importable first)
+from bench.utils import device_name  # noqa: E402
+
+DEMO = REPO / "configs" / "demo.yaml"
+METHODS: Dict[str, List[str]] = {
+    "source only": ["--uda.enabled=false", "--cl.source=false", "--cl.mixed=false"],
+    "DAFormer": ["--cl.source=false", "--cl.mixed=false"],
+    "DAFormer + CLUDA": [],
+    "DAFormer + CLUDA, CL at 16x16": ["--cl.feat_size=[16,16]"],
+}
+COLUMNS = ["method", "seed", "mIoU", "mIoU_warmup_end", "iterations", "wall_s", "device", "date",
+           "revision"]
+
+
+def revision() -> str:
+    """Short HEAD hash, '+dirty' when the code a run depends on differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cluda", "kernels", "train.py",
+                                "configs/demo.yaml"], cwd=REPO, capture_output=True, text=True,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def slug(method: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
+
+
+def run_one(method: str, seed: int, work_dir: str, extra: List[str]) -> Dict[str, object]:
+    name = f"{slug(method)}_seed{seed}"
+    t0 = time.time()
+    result = train.main([str(DEMO), f"--experiment.seed={seed}", f"--experiment.work_dir={work_dir}",
+                         f"--experiment.name={name}", "--train.tensorboard=false"]
+                        + METHODS[method] + extra)
+    wall = time.time() - t0
+    warm = ""
+    with open(Path(work_dir) / name / "eval.csv", newline="") as f:
+        start = train.load_experiment(str(DEMO), extra).uda.start_iter
+        for row in csv.DictReader(f):
+            if int(row["iteration"]) == start:
+                warm = float(row["mIoU19"])
+    return {"method": method, "seed": seed, "mIoU": result["metrics"][19]["mIoU"],
+            "mIoU_warmup_end": warm, "iterations": result["iteration"], "wall_s": round(wall, 1)}
+
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: List[Dict[str, object]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def table(rows: List[Dict[str, str]]) -> str:
+    lines = ["| method | target mIoU (%) mean | std | seeds | per seed | mIoU at warm-up end |",
+             "|---|---:|---:|---:|---|---:|"]
+    for method in METHODS:
+        runs = sorted((r for r in rows if r["method"] == method), key=lambda r: int(r["seed"]))
+        if not runs:
+            continue
+        vals = [100 * float(r["mIoU"]) for r in runs]
+        warm = [100 * float(r["mIoU_warmup_end"]) for r in runs if r["mIoU_warmup_end"] not in ("", None)]
+        std = statistics.stdev(vals) if len(vals) > 1 else math.nan
+        lines.append(f"| {method} | {statistics.mean(vals):.2f} | {std:.2f} | {len(vals)} | "
+                     + ", ".join(f"{v:.1f}" for v in vals) + " | "
+                     + (f"{statistics.mean(warm):.2f}" if warm else "n/a") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, rows: List[Dict[str, str]], note: str, *, val_images: int) -> None:
+    stamps = sorted({(r["device"], r["revision"]) for r in rows})
+    dates = sorted(r["date"] for r in rows)
+    text = ("# Ablation on the synthetic pair (configs/demo.yaml)\n\n"
+            f"Target validation mIoU (19 classes, {val_images} synthetic 'camera look' scenes) after the last "
+            "iteration; mean and sample standard deviation over seeds. Produced by "
+            "`python -m bench.ablation`; see its docstring for the methods.\n\n"
+            + table(rows)
+            + "\nDevice / revision: " + "; ".join(f"{d}, {r}" for d, r in stamps)
+            + (f". Runs from {dates[0]} to {dates[-1]}." if dates else ".") + "\n"
+            + (f"\n{note}\n" if note else ""))
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "ablation"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--note", default="", help="text appended to the Markdown file")
+    parser.add_argument("overrides", nargs="*", help="--section.key=value for every run (e.g. a "
+                        "shorter --train.max_iters for a smoke test)")
+    args, unknown = parser.parse_known_args(argv)
+    extra = list(args.overrides) + unknown
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / "ablation.csv", out / "ablation.md"
+    rev, device = revision(), device_name(torch.device("cpu"))
+    rows = read_rows(csv_path)
+    for seed in args.seeds:
+        for method in args.methods:
+            if any(r["method"] == method and int(r["seed"]) == seed and r["revision"] == rev for r in rows):
+                print(f"skip {method}, seed {seed}: already in {csv_path}")
+                continue
+            row = run_one(method, seed, args.work_dir, extra)
+            row.update(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
+                       revision=rev)
+            rows = [r for r in rows if not (r["method"] == method and int(r["seed"]) == seed)] + [row]
+            write_rows(csv_path, rows)
+            print(f"{method}, seed {seed}: target mIoU {100 * row['mIoU']:.2f} ({row['wall_s']} s)")
+    rows = read_rows(csv_path)
+    write_markdown(md_path, rows, args.note,
+                   val_images=train.load_experiment(str(DEMO), extra).data.val.num_samples)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
