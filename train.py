@@ -347,6 +347,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
         load_state_checked(student, state["student"], what=f"checkpoint {path} (student)")
         if teacher is not None and state.get("teacher") is not None:
             load_state_checked(teacher, state["teacher"], what=f"checkpoint {path} (teacher)")
+        elif teacher is not None:  # a source-only checkpoint: start the teacher from its student
+            teacher.load_state_dict(student.state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])

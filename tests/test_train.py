@@ -121,6 +121,18 @@ def test_resume_after_a_stop_is_bitwise_identical(tmp_path):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_self_training_can_continue_a_source_only_checkpoint(tmp_path):
+    src_only = FAMILIES["source_only"][0]
+    run(tmp_path, *src_only, "--train.max_iters=4", "--stop-at=2")
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["teacher"] is None
+    result = train.main(tiny_overrides(tmp_path, "--train.max_iters=4", "--uda.start_iter=3",
+                                       "--uda.fd=false") + ["--resume"])
+    rows = read_csv(tmp_path / "run" / "log.csv")
+    assert [r["iteration"] for r in rows] == ["1", "2", "3", "4"]
+    assert rows[1]["src.cl"] == "" and rows[2]["mix.ce"] == "" and float(rows[3]["mix.ce"]) > 0
+    assert result["teacher"] is not None
+
+
 def test_resume_from_a_corrupt_checkpoint_fails_clearly_and_keeps_the_good_one(tmp_path):
     run(tmp_path, "--train.max_iters=2")
     latest = tmp_path / "run" / "latest.pt"
