@@ -1,10 +1,17 @@
 """`pixel_infonce`: the public pixel-wise InfoNCE op (Eq. 2 of Vayyat et al., CLUDA).
 
-Validates its inputs, L2-normalises the features (differentiably, in plain torch), and dispatches
-to one of three implementations of the same contract (DESIGN.md, "The loss contract"):
-`kernels.reference` (the N x N specification), `kernels.tiled` (tiled torch, the CPU default) and
-`kernels.triton_infonce` (the fused Triton kernels, the CUDA default, imported lazily so that
-`import kernels` needs neither triton nor a GPU).
+Validates its inputs and dispatches to one of three implementations of the same contract
+(DESIGN.md, "The loss contract"): `kernels.reference` (the N x N specification), `kernels.tiled`
+(tiled torch, the CPU default) and `kernels.triton_infonce` (the fused Triton kernels, the CUDA
+default, imported lazily so that `import kernels` needs neither triton nor a GPU).
+
+The L2 normalisation v = f / max(||f||, 1e-12) is differentiable in both cases but done in two
+ways. For "reference" and "torch" it is plain torch autograd on a float32 (float64) copy of the
+features. For "triton" the features are only gathered into sorted order in their own dtype and
+the kernels fuse the normalisation (forward: the cosine from (n,) inverse norms; backward: the
+Jacobian applied in the kernel's epilogue), so the op's memory stays about 3x the features.
+`pixel_infonce_with_config` is the "triton" path with explicit launch parameters (benchmarks and
+tests of the launch variants).
 """
 import importlib
 import math
@@ -37,6 +44,19 @@ def _check_vector(name: str, x, feats: torch.Tensor, kind: str) -> None:
         raise TypeError(f"{name} must have {wanted} dtype, got {x.dtype}")
     if x.device != feats.device:
         raise ValueError(f"{name} is on {x.device} but feats is on {feats.device}")
+
+
+# Elements per chunk of the finiteness check: torch.isfinite builds several temporaries of its
+# input's size (x == x, x.abs(), x.abs() != inf, their product), which on the whole feature map
+# would be the largest allocation of the op (2.5x the features for bfloat16).
+_CHECK_CHUNK_ELEMENTS = 1 << 22
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """torch.isfinite(x).all() for a 2-D x, over chunks of rows (one host sync in all)."""
+    rows = max(1, _CHECK_CHUNK_ELEMENTS // max(x.shape[1], 1))
+    flags = [torch.isfinite(x[r0:r0 + rows]).all() for r0 in range(0, x.shape[0], rows)]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _load_triton():
@@ -104,6 +124,43 @@ def pixel_infonce(
         pos_weight. N = 0, all pixels ignored or no anchor with a positive give zeros whose
         gradient is zero.
     """
+    return _pixel_infonce(feats, labels, temperature=temperature, groups=groups,
+                          exclusive=exclusive, pos_weight=pos_weight, ignore_index=ignore_index,
+                          impl=impl, triton_config=None)
+
+
+def pixel_infonce_with_config(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    config,
+    groups: Optional[torch.Tensor] = None,
+    exclusive: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = 255,
+) -> torch.Tensor:
+    """`pixel_infonce(..., impl="triton")` with explicit launch parameters.
+
+    Same contract, checks and result as `pixel_infonce`; for comparing the launch variants of
+    `kernels.triton_infonce.VARIANTS` in benchmarks and tests.
+
+    Args:
+        feats, labels, temperature, groups, exclusive, pos_weight, ignore_index: as
+            `pixel_infonce`.
+        config: a `kernels.triton_infonce.TritonConfig` (e.g. `variant_config(name, dtype)`).
+
+    Returns:
+        (N,) float32 loss per pixel, as `pixel_infonce`.
+    """
+    return _pixel_infonce(feats, labels, temperature=temperature, groups=groups,
+                          exclusive=exclusive, pos_weight=pos_weight, ignore_index=ignore_index,
+                          impl="triton", triton_config=config)
+
+
+def _pixel_infonce(feats, labels, *, temperature, groups, exclusive, pos_weight, ignore_index,
+                   impl, triton_config) -> torch.Tensor:
+    """Validation and dispatch behind `pixel_infonce` and `pixel_infonce_with_config`."""
     # ---- validation at the boundary -------------------------------------------------------
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"feats must be a torch.Tensor, got {type(feats).__name__}")
@@ -130,7 +187,7 @@ def pixel_infonce(
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if feats.numel() and not bool(torch.isfinite(feats).all()):
+    if feats.numel() and not _all_finite(feats):
         raise ValueError("feats holds non-finite values (inf or nan)")
     if pos_weight is not None and pos_weight.numel() and not bool(torch.isfinite(pos_weight).all()):
         raise ValueError("pos_weight holds non-finite values (inf or nan)")
@@ -144,30 +201,33 @@ def pixel_infonce(
             raise ValueError(f"impl='triton' needs a CUDA tensor (feats is on {feats.device}); on "
                              "a CPU it runs only under TRITON_INTERPRET=1 set before import")
 
-    # ---- L2 normalisation, differentiable, in float32 (float64 for float64 input) -------------
-    compute_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-    f = feats.to(compute_dtype)
-    v = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (N, C)
-
-    if impl == "reference":
-        return reference_pixel_infonce(v, labels, temperature=temperature, groups=groups,
-                                       exclusive=exclusive, pos_weight=pos_weight,
-                                       ignore_index=ignore_index)
-
-    layout = sort_pixels(labels, groups=groups, exclusive=exclusive, ignore_index=ignore_index)
-    u = pos_weight[layout.index].to(compute_dtype) if pos_weight is not None else None
-    if impl == "torch":
-        loss_sorted = tiled_pixel_infonce(v[layout.index], layout, inv_tau=1.0 / temperature,
-                                          pos_weight=u)
-    else:
+    if impl == "triton":
+        layout = sort_pixels(labels, groups=groups, exclusive=exclusive, ignore_index=ignore_index)
         triton_module = _load_triton()
         if not feats.is_cuda and not triton_module.INTERPRETED:
             raise ValueError("impl='triton' on a CPU tensor: kernels.triton_infonce was imported "
                              "before TRITON_INTERPRET=1 was set")
-        # The kernels take v in the input dtype (tensor-core dot products), accumulate in float32.
-        v_sorted = v[layout.index].to(feats.dtype)
-        loss_sorted = triton_module.triton_pixel_infonce(v_sorted, layout,
-                                                         inv_tau=1.0 / temperature, pos_weight=u)
+        # The features in sorted order and their own dtype (autograd scatters the gradient back);
+        # the kernels normalise them on the fly and return the gradient in the same dtype.
+        u = pos_weight[layout.index].float() if pos_weight is not None else None
+        loss_sorted = triton_module.triton_pixel_infonce(
+            feats[layout.index], layout, inv_tau=1.0 / temperature, pos_weight=u,
+            config=triton_config)
+        loss = torch.zeros(feats.shape[0], dtype=torch.float32, device=feats.device)
+        return loss.index_put((layout.index,), loss_sorted)
+
+    # ---- L2 normalisation, differentiable, in float32 (float64 for float64 input) -------------
+    compute_dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    f = feats.to(compute_dtype)
+    v = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (N, C)
+    if impl == "reference":
+        return reference_pixel_infonce(v, labels, temperature=temperature, groups=groups,
+                                       exclusive=exclusive, pos_weight=pos_weight,
+                                       ignore_index=ignore_index)
+    layout = sort_pixels(labels, groups=groups, exclusive=exclusive, ignore_index=ignore_index)
+    u = pos_weight[layout.index].to(compute_dtype) if pos_weight is not None else None
+    loss_sorted = tiled_pixel_infonce(v[layout.index], layout, inv_tau=1.0 / temperature,
+                                      pos_weight=u)
     # Scatter back to pixel order; invalid pixels keep L = 0 and get no gradient.
     loss = torch.zeros(feats.shape[0], dtype=compute_dtype, device=feats.device)
     return loss.index_put((layout.index,), loss_sorted)

@@ -1,23 +1,40 @@
 """Fused Triton kernels for the pixel InfoNCE loss (CLUDA Eq. 2): no N x N buffer, no atomics.
 
 The rows are the valid pixels sorted by (group, label) (`kernels.layout`), so a block of rows only
-visits the columns of its groups, and its positives sit in the class columns. Two kernels:
+visits the columns of its groups, and its positives sit in the class columns. The kernels take the
+raw features f in their own dtype and fuse the L2 normalisation of DESIGN.md
+(v = f / max(||f||, 1e-12)): the host keeps only the (n,) float32 inverse norms rinv, and
+
+    c_ij = (f_i . f_j) rinv_i rinv_j            (cosine, accumulated in float32)
+    t_ij = (c_ij - 1) / tau = s_ij - 1/tau,     e_ij = exp(t_ij) in [exp(-2/tau), 1]
+
+Two kernels:
 
 - `_infonce_fwd_kernel`, one program per BLOCK_M rows. Pass 1 sums the negatives of its rows over
   the group columns (skipping the columns that lie in the class of every row of the block: they
   hold no negative); pass 2 walks the class columns only and forms L and R from Neg.
 - `_infonce_bwd_kernel`, one program per (BLOCK_M rows, BLOCK_D channels of the gradient). It
   recomputes each similarity tile, forms H = G + G^T elementwise from per-row statistics of both
-  sides and accumulates dV_I += H_IJ V_J / tau (and du for the positive weights).
+  sides, accumulates dV_I += H_IJ V_J / tau and, in the epilogue, applies the normalisation's
+  Jacobian, df_i = rinv_i (dv_i - v_i (v_i . dv_i)), with v_i . dv_i = sum_j H_ij c_ij / tau taken
+  from the similarity tiles it already has (so a program that owns only BLOCK_D channels still
+  knows it). It writes df in the input dtype: no float32 (n, C) tensor exists at any point.
 
-Per row only O(1) floats are stored (Neg', R', plus the O(1) ints of the layout); backward saves
-v, u, Neg' and R'. Inputs are float16 / bfloat16 / float32, accumulation is float32. The launchers
-take the block sizes as parameters (issue 3 tunes them on a GPU). On a CPU this module runs only
-under Triton's interpreter (TRITON_INTERPRET=1 set before the import).
+Launch variants (`TritonConfig`, presets in `VARIANTS`, compared on a GPU by bench/gpu_check.sh):
+tile sizes, channel chunk sizes, gradient channels per backward program (up to all C: the
+similarity is then computed once per tile in backward), software-pipelining depth,
+`resident_rows` (forward: the row block's features are loaded once per program and stay on chip
+across the column loop) and the precision of the H @ V GEMM (TF32, or bfloat16 operands).
+
+Memory: the op holds the gathered features f (input dtype, saved for backward), their gradient
+(input dtype) and O(n) float32 statistics (rinv, proj, Neg', R', a, b); backward saves f, u,
+rinv, proj, Neg' and R'. Inputs are float16 / bfloat16 / float32, accumulation is float32. On a
+CPU this module runs only under Triton's interpreter (TRITON_INTERPRET=1 set before the import),
+which has no bfloat16.
 """
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -29,36 +46,71 @@ from kernels.layout import SortedPixels
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# v = f / max(||f||, 1e-12), as in the torch paths: rows at or below the clamp are scaled by 1e12
+# and get no projection in backward (the clamp's derivative is zero there).
+NORM_EPS = 1e-12
+# Elements per chunk of the host-side norm computation: float32 temporaries of at most 16 MiB.
+_NORM_CHUNK_ELEMENTS = 1 << 22
+# `resident_rows` keeps a (block_m, C) tile of features on chip. At 64 KiB (64 x 512 bfloat16) the
+# forward program uses 161 KiB of shared memory on sm_90 with its pipelined column tiles; twice
+# that would not fit an H100's 227 KiB.
+RESIDENT_MAX_TILE_BYTES = 64 * 1024
+# float32 FLT_MIN: the floor of the InfoNCE denominators (a constexpr, so the kernels may read it).
+_FLT_MIN = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
-def _shifted_similarity(v_ptr, rows, cols, row_mask, col_mask, C, inv_tau,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
-    # t_IJ = (v_I . v_J - 1) / tau for rows I x columns J: a (BLOCK_M, BLOCK_N) float32 tile in
-    # [-2/tau, 0] (v is unit length), built from BLOCK_C-wide chunks of the channels.
-    # rows / cols are int64 so that row * C cannot overflow.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        c_mask = cc < C
-        v_i = tl.load(v_ptr + rows[:, None] * C + cc[None, :],
-                      mask=row_mask[:, None] & c_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
-        v_jt = tl.load(v_ptr + cols[None, :] * C + cc[:, None],
-                       mask=col_mask[None, :] & c_mask[:, None], other=0.0)  # (BLOCK_C, BLOCK_N)
-        acc = tl.dot(v_i, v_jt, acc, input_precision=DOT_PRECISION)
-    return (acc - 1.0) * inv_tau
+def _bf16_operand(x, NATIVE_BF16: tl.constexpr):
+    # x rounded to bfloat16 for a tensor-core GEMM. The interpreter has no bfloat16 (numpy), so
+    # there the rounding (to nearest even) is done on the float32 bits and the value stays float32:
+    # the same numbers enter the product, which is then an exact float32 one.
+    if NATIVE_BF16:
+        return x.to(tl.bfloat16)
+    else:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _negatives_tile(v_ptr, ex_ptr, rows, row_mask, gs, ge, cs, ce, ex_i, n0, col_end, C, inv_tau,
-                    HAS_EXCLUSIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _raw_similarity(f_ptr, f_i, rows, cols, row_mask, col_mask, C,
+                    RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # f_I . f_J for rows I x columns J: a (BLOCK_M, BLOCK_N) float32 tile. rows / cols are int64 so
+    # that row * C cannot overflow. RESIDENT: f_i is the row block's (BLOCK_M, BLOCK_C >= C) tile,
+    # loaded once by the caller, and one GEMM over all channels is done; otherwise f_i is unused and
+    # the rows are streamed in BLOCK_C-wide channel chunks with the columns.
+    if RESIDENT:
+        cc = tl.arange(0, BLOCK_C)
+        f_jt = tl.load(f_ptr + cols[None, :] * C + cc[:, None],
+                       mask=col_mask[None, :] & (cc < C)[:, None], other=0.0)  # (BLOCK_C, BLOCK_N)
+        acc = tl.dot(f_i, f_jt, input_precision=DOT_PRECISION)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_mask = cc < C
+            f_ic = tl.load(f_ptr + rows[:, None] * C + cc[None, :],
+                           mask=row_mask[:, None] & c_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
+            f_jt = tl.load(f_ptr + cols[None, :] * C + cc[:, None],
+                           mask=col_mask[None, :] & c_mask[:, None], other=0.0)  # (BLOCK_C, BLOCK_N)
+            acc = tl.dot(f_ic, f_jt, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _negatives_tile(f_ptr, f_i, rinv_ptr, ex_ptr, rows, row_mask, rinv_i, gs, ge, cs, ce, ex_i,
+                    n0, col_end, C, inv_tau,
+                    HAS_EXCLUSIVE: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # sum_{j in [n0, n0 + BLOCK_N), j < col_end, j in N_i} e_ij for each row i: (BLOCK_M,).
     cols = n0 + tl.arange(0, BLOCK_N)
     col_mask = cols < col_end
-    e = tl.exp(_shifted_similarity(v_ptr, rows, cols.to(tl.int64), row_mask, col_mask, C, inv_tau,
-                                   BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION))
+    rinv_j = tl.load(rinv_ptr + cols, mask=col_mask, other=0.0)
+    raw = _raw_similarity(f_ptr, f_i, rows, cols.to(tl.int64), row_mask, col_mask, C,
+                          RESIDENT, BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+    t = (raw * rinv_i[:, None] * rinv_j[None, :] - 1.0) * inv_tau
+    e = tl.exp(t)
     c = cols[None, :]
     # A negative is in the row's group range and outside its class range.
     is_neg = (c >= gs[:, None]) & (c < ge[:, None]) & ((c < cs[:, None]) | (c >= ce[:, None]))
@@ -71,10 +123,10 @@ def _negatives_tile(v_ptr, ex_ptr, rows, row_mask, gs, ge, cs, ce, ex_i, n0, col
 
 @triton.jit
 def _infonce_fwd_kernel(
-    v_ptr, u_ptr, gs_ptr, ge_ptr, cs_ptr, ce_ptr, np_ptr, ex_ptr,  # inputs, (n, C) and (n,)
+    f_ptr, rinv_ptr, u_ptr, gs_ptr, ge_ptr, cs_ptr, ce_ptr, np_ptr, ex_ptr,  # inputs, (n, C), (n,)
     neg_ptr, loss_ptr, r_ptr,  # outputs, (n,) float32
     n, C, inv_tau,
-    HAS_WEIGHT: tl.constexpr, HAS_EXCLUSIVE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_EXCLUSIVE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -93,10 +145,18 @@ def _infonce_fwd_kernel(
     ge = tl.load(ge_ptr + rows, mask=row_mask, other=0)
     cs = tl.load(cs_ptr + rows, mask=row_mask, other=0)
     ce = tl.load(ce_ptr + rows, mask=row_mask, other=0)
+    rinv_i = tl.load(rinv_ptr + rows, mask=row_mask, other=0.0)
     if HAS_EXCLUSIVE:
         ex_i = tl.load(ex_ptr + rows, mask=row_mask, other=0) != 0
     else:
         ex_i = row_mask  # unused
+    if RESIDENT:
+        # The row block's features: loaded once, they stay on chip for both passes.
+        cc = tl.arange(0, BLOCK_C)
+        f_i = tl.load(f_ptr + rows64[:, None] * C + cc[None, :],
+                      mask=row_mask[:, None] & (cc < C)[None, :], other=0.0)  # (BLOCK_M, BLOCK_C)
+    else:
+        f_i = rinv_i  # unused: _raw_similarity streams the rows in channel chunks
     # The block's columns: the union of its rows' group ranges (rows are sorted, so it is one
     # interval and never reaches into another group's pixels beyond the block's own groups).
     lo = tl.min(tl.where(row_mask, gs, n), axis=0)
@@ -111,11 +171,13 @@ def _infonce_fwd_kernel(
     skip_hi = tl.where(has_common, skip_hi, hi)
     neg = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(lo, skip_lo, BLOCK_N):
-        neg += _negatives_tile(v_ptr, ex_ptr, rows64, row_mask, gs, ge, cs, ce, ex_i, n0, skip_lo,
-                               C, inv_tau, HAS_EXCLUSIVE, BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        neg += _negatives_tile(f_ptr, f_i, rinv_ptr, ex_ptr, rows64, row_mask, rinv_i, gs, ge, cs,
+                               ce, ex_i, n0, skip_lo, C, inv_tau, HAS_EXCLUSIVE, RESIDENT,
+                               BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
     for n0 in range(skip_hi, hi, BLOCK_N):
-        neg += _negatives_tile(v_ptr, ex_ptr, rows64, row_mask, gs, ge, cs, ce, ex_i, n0, hi,
-                               C, inv_tau, HAS_EXCLUSIVE, BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        neg += _negatives_tile(f_ptr, f_i, rinv_ptr, ex_ptr, rows64, row_mask, rinv_i, gs, ge, cs,
+                               ce, ex_i, n0, hi, C, inv_tau, HAS_EXCLUSIVE, RESIDENT,
+                               BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
 
     # ---- pass 2: L_i and R'_i over the class columns only (the diagonal class blocks).
     p_lo = tl.min(tl.where(row_mask, cs, n), axis=0)
@@ -125,8 +187,10 @@ def _infonce_fwd_kernel(
     for n0 in range(p_lo, p_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < p_hi
-        t = _shifted_similarity(v_ptr, rows64, cols.to(tl.int64), row_mask, col_mask, C, inv_tau,
-                                BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        rinv_j = tl.load(rinv_ptr + cols, mask=col_mask, other=0.0)
+        raw = _raw_similarity(f_ptr, f_i, rows64, cols.to(tl.int64), row_mask, col_mask, C,
+                              RESIDENT, BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        t = (raw * rinv_i[:, None] * rinv_j[None, :] - 1.0) * inv_tau
         e = tl.exp(t)
         c = cols[None, :]
         is_pos = (c >= cs[:, None]) & (c < ce[:, None]) & (c != rows[:, None])
@@ -134,7 +198,7 @@ def _infonce_fwd_kernel(
         if HAS_EXCLUSIVE:
             ex_j = tl.load(ex_ptr + cols, mask=col_mask, other=0) != 0
             is_pos = is_pos & ~(ex_i[:, None] & ex_j[None, :])
-        denom = tl.maximum(e + neg[:, None], 1.1754943508222875e-38)
+        denom = tl.maximum(e + neg[:, None], _FLT_MIN)
         if HAS_WEIGHT:
             w = tl.load(u_ptr + cols, mask=col_mask, other=0.0)[None, :]
         else:
@@ -151,22 +215,28 @@ def _infonce_fwd_kernel(
 
 @triton.jit
 def _infonce_bwd_kernel(
-    v_ptr, u_ptr, a_ptr, b_ptr, neg_ptr, gs_ptr, ge_ptr, cs_ptr, ce_ptr, ex_ptr,  # inputs
-    dv_ptr, du_ptr,  # outputs: (n, C) in v's dtype, (n,) float32
+    f_ptr, rinv_ptr, proj_ptr, u_ptr, a_ptr, b_ptr, neg_ptr,  # inputs: (n, C), (n,) float32
+    gs_ptr, ge_ptr, cs_ptr, ce_ptr, ex_ptr,  # the layout, (n,)
+    df_ptr, du_ptr,  # outputs: (n, C) in f's dtype, (n,) float32
     n, C, inv_tau,
     HAS_WEIGHT: tl.constexpr, HAS_EXCLUSIVE: tl.constexpr, NEED_DU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRODUCT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_BF16: tl.constexpr,
+    PRODUCT_PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
     # Upstream gradient g enters through a_i = g_i / |P_i| and b_i = g_i R'_i (0 without positives).
     #   G_ij = -a_i u_j Neg'_i / (e_ij + Neg'_i)   for j in P_i   (= dL_i/ds_ij * g_i)
     #   G_ij =  b_i e_ij                           for j in N_i
     #   H_ij = G_ij + G_ji, built from the statistics of row i and column j (the pair relation is
-    #          symmetric), dv_i = 1/tau sum_j H_ij v_j   (S = V V^T is symmetric)
+    #          symmetric), dv_i = 1/tau sum_j H_ij v_j = 1/tau sum_j (H_ij rinv_j) f_j
+    #   df_i = rinv_i (dv_i - v_i (v_i . dv_i)),  v_i . dv_i = 1/tau sum_j H_ij c_ij
+    #          (no projection for a row whose norm was clamped: proj_i = 0)
     #   du_i = sum_{j: i in P_j} a_j [log(e_ij + Neg'_j) - t_ij]       (u_i as partner of anchor j)
-    # Each program owns rows I and the channels [pid_d * BLOCK_D, +BLOCK_D) of dv_I: it recomputes
-    # the full-C similarity per tile (one GEMM) and accumulates H_IJ V_J (a second GEMM). Its writes
-    # are disjoint from every other program's: no atomics, the result is deterministic.
+    # Each program owns rows I and the channels [pid_d * BLOCK_D, +BLOCK_D) of df_I: it recomputes
+    # the full-C similarity per tile (one GEMM, channels streamed in BLOCK_C chunks) and accumulates
+    # (H_IJ rinv_J) F_J (a second GEMM). With BLOCK_D >= C one program owns all channels and the
+    # similarity is computed once per tile. Its writes are disjoint from every other program's: no
+    # atomics, the result is deterministic.
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -176,6 +246,7 @@ def _infonce_bwd_kernel(
     ge = tl.load(ge_ptr + rows, mask=row_mask, other=0)
     cs = tl.load(cs_ptr + rows, mask=row_mask, other=0)
     ce = tl.load(ce_ptr + rows, mask=row_mask, other=0)
+    rinv_i = tl.load(rinv_ptr + rows, mask=row_mask, other=0.0)
     a_i = tl.load(a_ptr + rows, mask=row_mask, other=0.0)
     b_i = tl.load(b_ptr + rows, mask=row_mask, other=0.0)
     neg_i = tl.load(neg_ptr + rows, mask=row_mask, other=0.0)
@@ -193,13 +264,17 @@ def _infonce_bwd_kernel(
     hi = tl.max(tl.where(row_mask, ge, 0), axis=0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    radial = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j H_ij c_ij
     du = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < hi
         cols64 = cols.to(tl.int64)
-        t = _shifted_similarity(v_ptr, rows64, cols64, row_mask, col_mask, C, inv_tau,
-                                BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        rinv_j = tl.load(rinv_ptr + cols, mask=col_mask, other=0.0)
+        raw = _raw_similarity(f_ptr, rinv_i, rows64, cols64, row_mask, col_mask, C,
+                              False, BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
+        cos = raw * rinv_i[:, None] * rinv_j[None, :]
+        t = (cos - 1.0) * inv_tau
         e = tl.exp(t)
         c = cols[None, :]
         in_class = (c >= cs[:, None]) & (c < ce[:, None])
@@ -217,45 +292,83 @@ def _infonce_bwd_kernel(
             u_j = tl.load(u_ptr + cols, mask=col_mask, other=0.0)
         else:
             u_j = tl.full((BLOCK_N,), 1.0, tl.float32)
-        d_i = tl.maximum(e + neg_i[:, None], 1.1754943508222875e-38)  # e_ij + Neg'_i
-        d_j = tl.maximum(e + neg_j[None, :], 1.1754943508222875e-38)  # e_ij + Neg'_j
+        d_i = tl.maximum(e + neg_i[:, None], _FLT_MIN)  # e_ij + Neg'_i
+        d_j = tl.maximum(e + neg_j[None, :], _FLT_MIN)  # e_ij + Neg'_j
         h_pos = -(a_i[:, None] * u_j[None, :] * neg_i[:, None] / d_i
                   + a_j[None, :] * u_i[:, None] * neg_j[None, :] / d_j)
         h_neg = e * (b_i[:, None] + b_j[None, :])
         h = tl.where(is_pos, h_pos, tl.where(is_neg, h_neg, 0.0))  # (BLOCK_M, BLOCK_N) float32
-        v_j = tl.load(v_ptr + cols64[:, None] * C + dd[None, :],
-                      mask=col_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-        # H stays float32 (its entries can be far below float16's range when g is small).
-        acc = tl.dot(h, v_j.to(tl.float32), acc, input_precision=PRODUCT_PRECISION)
+        radial += tl.sum(h * cos, axis=1)
+        h = h * rinv_j[None, :]  # turns the product with F_J into one with V_J
+        # The column tile's features for this program's channels, (BLOCK_N, BLOCK_D).
+        f_j = tl.load(f_ptr + cols64[:, None] * C + dd[None, :],
+                      mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if PRODUCT_BF16:
+            # bfloat16 has float32's exponent range, so H's tiny entries (small g) survive.
+            acc = tl.dot(_bf16_operand(h, NATIVE_BF16), _bf16_operand(f_j, NATIVE_BF16), acc,
+                         input_precision="ieee")
+        else:
+            # H stays float32 (its entries can be far below float16's range when g is small).
+            acc = tl.dot(h, f_j.to(tl.float32), acc, input_precision=PRODUCT_PRECISION)
         if NEED_DU:
             du += tl.sum(tl.where(is_pos, a_j[None, :] * (tl.log(d_j) - t), 0.0), axis=1)
 
-    dv = acc * inv_tau
-    tl.store(dv_ptr + rows64[:, None] * C + dd[None, :], dv.to(dv_ptr.dtype.element_ty),
+    # ---- epilogue: the normalisation's Jacobian, row by row.
+    f_i = tl.load(f_ptr + rows64[:, None] * C + dd[None, :],
+                  mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    proj_i = tl.load(proj_ptr + rows, mask=row_mask, other=0.0)
+    v_i = f_i.to(tl.float32) * rinv_i[:, None]
+    df = rinv_i[:, None] * (acc - v_i * (radial * proj_i)[:, None]) * inv_tau
+    tl.store(df_ptr + rows64[:, None] * C + dd[None, :], df.to(df_ptr.dtype.element_ty),
              mask=row_mask[:, None] & d_mask[None, :])
     if NEED_DU:
         # Every channel program computes the same du; the first one writes it.
         tl.store(du_ptr + rows, du, mask=row_mask & (pid_d == 0))
 
 
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+# A backward program holds a (block_m, block_d) float32 accumulator in registers: at 64 x 512 that
+# is already 128 registers per thread over 8 warps.
+MAX_BLOCK_D = 512
+
+
+def _check_pow2(name: str, value, minimum: int = 16) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class TritonConfig:
-    """Launch parameters of the kernels (tuned in issue 3).
+    """Launch parameters of the kernels (issue 3 tunes them on a GPU; `VARIANTS` holds presets).
 
-    The defaults compile for sm_90 without register spills for float16 / bfloat16 (ptxas -v):
-    64 x 32 tiles over 8 warps; 64 x 64 tiles spill in backward.
+    The defaults are v1's: 64 x 32 tiles over 8 warps, channels streamed in chunks of 64 for the
+    similarity and 128 gradient channels per backward program. tests/test_pixel_infonce_slow.py
+    compiles every preset for sm_90 and reports registers and spills.
 
     Args:
         block_m: rows per program (power of two >= 16).
         block_n: columns per tile (power of two >= 16).
-        block_c: channels per chunk of the similarity GEMM (power of two >= 16).
-        block_d: gradient channels per backward program (power of two >= 16); C > block_d means
-            several programs per row block, each recomputing the similarities.
-        num_warps: warps per program.
+        block_c: channels per chunk of the similarity GEMM when the channels are streamed
+            (power of two >= 16); default min(64, C rounded up to a power of two).
+        block_d: gradient channels per backward program (power of two, 16 to MAX_BLOCK_D, capped
+            at C rounded up). C > block_d means several programs per row block, each recomputing
+            the similarities; block_d >= C means one program per row block that computes each
+            similarity tile once. Default min(128, C rounded up).
+        num_warps: warps per program (power of two).
+        num_stages: software-pipelining depth of the loads in the column loop, or None for
+            Triton's default.
+        resident_rows: forward only: load the row block's features once per program (all C
+            channels) and keep them on chip across both column passes, so that each tile loads
+            only its columns. Applies while a (block_m, C rounded up) tile of the input dtype fits
+            RESIDENT_MAX_TILE_BYTES (C <= 512 for 16-bit inputs at block_m = 64); otherwise the
+            channels are streamed as without it. `resolved` says which.
         dot_precision: tl.dot input precision of the similarity GEMM for float32 inputs ("ieee",
             "tf32x3", "tf32"); ignored for float16 / bfloat16 inputs.
-        product_precision: precision of the float32 H @ V GEMM in backward; None means "ieee" for
-            float32 inputs and "tf32" (10-bit mantissa, float32 range) for float16 / bfloat16.
+        product_precision: precision of the H @ V GEMM in backward: "ieee", "tf32", "tf32x3"
+            (float32 H and features) or "bf16" (both operands rounded to bfloat16, the full
+            tensor-core rate; bfloat16 keeps float32's range, so small H entries survive). None
+            means "ieee" for float32 inputs and "tf32" (10-bit mantissa, float32 range) for
+            float16 / bfloat16.
     """
 
     block_m: int = 64
@@ -263,118 +376,234 @@ class TritonConfig:
     block_c: Optional[int] = None
     block_d: Optional[int] = None
     num_warps: int = 8
+    num_stages: Optional[int] = None
+    resident_rows: bool = False
     dot_precision: str = "ieee"
     product_precision: Optional[str] = None
 
     def resolved(self, num_channels: int, dtype: torch.dtype) -> "TritonConfig":
         """Fill the defaults that depend on C and the dtype, and check every value."""
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        _check_pow2("block_m", self.block_m)
+        _check_pow2("block_n", self.block_n)
+        for name in ("block_c", "block_d"):
+            if getattr(self, name) is not None:
+                _check_pow2(name, getattr(self, name))
+        if self.block_d is not None and self.block_d > MAX_BLOCK_D:
+            raise ValueError(f"block_d must be at most {MAX_BLOCK_D}, got {self.block_d}")
+        _check_pow2("num_warps", self.num_warps, minimum=1)
+        if self.num_stages is not None and (isinstance(self.num_stages, bool)
+                                            or not isinstance(self.num_stages, int)
+                                            or self.num_stages < 1):
+            raise ValueError(f"num_stages must be None or an int >= 1, got {self.num_stages!r}")
+        if not isinstance(self.resident_rows, bool):
+            raise TypeError(f"resident_rows must be a bool, got {self.resident_rows!r}")
+        if self.dot_precision not in _PRECISIONS:
+            raise ValueError(f"dot_precision must be one of {_PRECISIONS}, got {self.dot_precision!r}")
+        if self.product_precision not in (None,) + _PRECISIONS + ("bf16",):
+            raise ValueError(f"product_precision must be None or one of {_PRECISIONS + ('bf16',)}, "
+                             f"got {self.product_precision!r}")
         c_pow2 = max(16, triton.next_power_of_2(num_channels))
-        cfg = TritonConfig(
-            block_m=self.block_m,
-            block_n=self.block_n,
-            block_c=self.block_c if self.block_c is not None else min(c_pow2, 64),
-            block_d=self.block_d if self.block_d is not None else min(c_pow2, 128),
-            num_warps=self.num_warps,
-            dot_precision=self.dot_precision,
+        tile_bytes = self.block_m * c_pow2 * torch.finfo(dtype).bits // 8
+        return replace(
+            self,
+            block_c=min(self.block_c if self.block_c is not None else 64, c_pow2),
+            block_d=min(self.block_d if self.block_d is not None else 128, c_pow2),
+            resident_rows=self.resident_rows and tile_bytes <= RESIDENT_MAX_TILE_BYTES,
             product_precision=(self.product_precision if self.product_precision is not None
                                else ("ieee" if dtype == torch.float32 else "tf32")),
         )
-        for name in ("block_m", "block_n", "block_c", "block_d"):
-            value = getattr(cfg, name)
-            if not isinstance(value, int) or value < 16 or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
-        for name in ("dot_precision", "product_precision"):
-            if getattr(cfg, name) not in ("ieee", "tf32", "tf32x3"):
-                raise ValueError(f"{name} must be 'ieee', 'tf32' or 'tf32x3', got {getattr(cfg, name)!r}")
-        return cfg
+
+    def forward_block_c(self, num_channels: int) -> int:
+        """BLOCK_C of the forward kernel (of a resolved config): all channels when resident."""
+        return max(16, triton.next_power_of_2(num_channels)) if self.resident_rows else self.block_c
+
+    def launch_options(self) -> dict:
+        """num_warps / num_stages keyword arguments of a kernel launch."""
+        options = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            options["num_stages"] = self.num_stages
+        return options
+
+
+def _bf16_product(dtype: torch.dtype) -> Optional[str]:
+    """bfloat16 operands for the H @ V GEMM of bfloat16 inputs, whose features are already
+    bfloat16 (only H is rounded, to the inputs' own 2**-9). float16 and float32 inputs keep the
+    default: rounding their features to bfloat16 too would make the product the largest error of
+    the gradient (measured 4e-3 relative for float16 inputs against 8e-4 with TF32)."""
+    return "bf16" if dtype == torch.bfloat16 else None
+
+
+def _full_block_d(dtype: torch.dtype) -> Optional[int]:
+    """MAX_BLOCK_D gradient channels per backward program for 16-bit inputs. float32 inputs keep
+    the default: their "ieee" GEMMs run on the FMA units and, with 512 float32 accumulator channels
+    per program, spill inside the column loop on sm_90."""
+    return MAX_BLOCK_D if dtype in (torch.float16, torch.bfloat16) else None
+
+
+# Launch presets compared on a GPU by `bench/gpu_check.sh`; bench/NOTES.md (v2) gives each one's
+# prediction. Each maps the input dtype to a config; `TritonConfig()` ("v1") is the default. Every
+# variant but v1 takes bfloat16 operands for the H @ V GEMM of bfloat16 inputs.
+VARIANTS = {
+    # v1's launch parameters: 64 x 32 tiles, channel chunks of 64, 128 gradient channels per
+    # backward program (at C = 512 four programs per row block each recompute the similarity).
+    "v1": lambda dtype: TritonConfig(),
+    # v1 with the bfloat16 H @ V product for bfloat16 inputs (TF32 runs at half the rate).
+    "bf16prod": lambda dtype: TritonConfig(product_precision=_bf16_product(dtype)),
+    # Backward owns up to 512 gradient channels per program: at C <= 512 the similarity is
+    # computed once per tile in backward instead of C / 128 times.
+    "fulld": lambda dtype: TritonConfig(block_d=_full_block_d(dtype),
+                                        product_precision=_bf16_product(dtype)),
+    # "fulld" plus a forward whose row block stays on chip across the column loop.
+    "resident": lambda dtype: TritonConfig(block_d=_full_block_d(dtype), resident_rows=True,
+                                           product_precision=_bf16_product(dtype)),
+    # Square 64 x 64 tiles: 1.5x the FLOPs per byte of the similarity GEMM, 128 gradient channels
+    # per backward program as v1. (128 x 64 tiles spill inside the backward loop on sm_90 once
+    # pos_weight and exclusive are on.)
+    "wide": lambda dtype: TritonConfig(block_m=64, block_n=64,
+                                       product_precision=_bf16_product(dtype)),
+}
+
+
+# The preset used when no config is given (`pixel_infonce(impl="triton")`). v1 until a GPU run of
+# bench/gpu_check.sh picks another one (bench/NOTES.md, v2).
+DEFAULT_VARIANT = "v1"
+
+
+def product_constexprs(cfg: TritonConfig, *, native_bf16: bool) -> dict:
+    """The backward kernel's constexprs for the H @ V GEMM of a resolved config."""
+    bf16 = cfg.product_precision == "bf16"
+    return dict(PRODUCT_BF16=bf16, PRODUCT_PRECISION="ieee" if bf16 else cfg.product_precision,
+                NATIVE_BF16=native_bf16)
+
+
+def variant_config(name: str, dtype: torch.dtype) -> TritonConfig:
+    """The preset `name` of `VARIANTS` for inputs of `dtype` (not yet resolved for C)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known: {sorted(VARIANTS)}")
+    return VARIANTS[name](dtype)
+
+
+def _interpreter_can_run(dtype: torch.dtype) -> bool:
+    """numpy has no bfloat16: the interpreter would return garbage rather than fail."""
+    return dtype != torch.bfloat16
+
+
+def inverse_norms(f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """rinv = 1 / max(||f_i||, 1e-12) and proj = (||f_i|| > 1e-12), both (n,) float32.
+
+    The norms are taken in float32 over chunks of rows, so no float32 copy of f larger than 16 MiB
+    exists. proj marks the rows whose normalisation has the projection Jacobian (a row at or below
+    the clamp is only scaled, like `f / norm.clamp_min(1e-12)` in torch).
+    """
+    n, num_channels = f.shape
+    rinv = torch.empty(n, dtype=torch.float32, device=f.device)
+    proj = torch.empty_like(rinv)
+    rows = max(1, _NORM_CHUNK_ELEMENTS // max(num_channels, 1))
+    for r0 in range(0, n, rows):
+        norm = torch.linalg.vector_norm(f[r0:r0 + rows].float(), dim=1)  # (chunk,)
+        rinv[r0:r0 + rows] = norm.clamp_min(NORM_EPS).reciprocal()
+        proj[r0:r0 + rows] = (norm > NORM_EPS).float()
+    return rinv, proj
 
 
 class TritonPixelInfoNCE(torch.autograd.Function):
-    """Fused forward / backward. Saves for backward v, u and the per-row Neg' and R' (float32)."""
+    """Fused normalisation, forward and backward.
+
+    Takes the raw sorted features f (input dtype) and saves for backward f itself (no copy), u,
+    and the per-row float32 rinv, proj, Neg' and R'. Backward returns df in f's dtype.
+    """
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor, u: Optional[torch.Tensor], layout: SortedPixels,
+    def forward(ctx, f: torch.Tensor, u: Optional[torch.Tensor], layout: SortedPixels,
                 inv_tau: float, cfg: TritonConfig) -> torch.Tensor:
-        n, num_channels = v.shape
-        neg = torch.zeros(n, dtype=torch.float32, device=v.device)
+        n, num_channels = f.shape
+        rinv, proj = inverse_norms(f)
+        neg = torch.zeros(n, dtype=torch.float32, device=f.device)
         loss = torch.zeros_like(neg)
         r_stat = torch.zeros_like(neg)
         ex = layout.exclusive.to(torch.int8) if layout.exclusive is not None else None
         if n > 0:
             _infonce_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
-                v, u if u is not None else neg,
+                f, rinv, u if u is not None else neg,
                 layout.group_start, layout.group_end, layout.class_start, layout.class_end,
                 layout.num_pos, ex if ex is not None else layout.num_pos,
                 neg, loss, r_stat,
                 n, num_channels, inv_tau,
                 HAS_WEIGHT=u is not None, HAS_EXCLUSIVE=ex is not None,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-                DOT_PRECISION=cfg.dot_precision, num_warps=cfg.num_warps,
+                RESIDENT=cfg.resident_rows, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_C=cfg.forward_block_c(num_channels), DOT_PRECISION=cfg.dot_precision,
+                **cfg.launch_options(),
             )
         ctx.layout, ctx.ex, ctx.inv_tau, ctx.cfg = layout, ex, inv_tau, cfg
-        ctx.save_for_backward(v, u, neg, r_stat)
+        ctx.save_for_backward(f, u, rinv, proj, neg, r_stat)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        v, u, neg, r_stat = ctx.saved_tensors
+        f, u, rinv, proj, neg, r_stat = ctx.saved_tensors
         layout, ex, cfg = ctx.layout, ctx.ex, ctx.cfg
-        n, num_channels = v.shape
+        n, num_channels = f.shape
         need_du = u is not None and ctx.needs_input_grad[1]
         g = grad_loss.float().contiguous()  # an expanded gradient (from .sum()) has stride 0
         num_pos = layout.num_pos.float()
         a = torch.where(num_pos > 0, g / num_pos.clamp_min(1.0), 0.0)  # (n,) g_i / |P_i|
         b = g * r_stat  # (n,) g_i R'_i
-        dv = torch.zeros_like(v)
+        # Every element is written by the kernel (row blocks x channel blocks cover (n, C)).
+        df = torch.empty_like(f)
         du = torch.zeros_like(u) if need_du else None
         if n > 0:
             grid = (triton.cdiv(n, cfg.block_m), triton.cdiv(num_channels, cfg.block_d))
             _infonce_bwd_kernel[grid](
-                v, u if u is not None else neg, a, b, neg,
+                f, rinv, proj, u if u is not None else neg, a, b, neg,
                 layout.group_start, layout.group_end, layout.class_start, layout.class_end,
                 ex if ex is not None else layout.num_pos,
-                dv, du if du is not None else neg,
+                df, du if du is not None else neg,
                 n, num_channels, ctx.inv_tau,
                 HAS_WEIGHT=u is not None, HAS_EXCLUSIVE=ex is not None, NEED_DU=need_du,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_c,
-                BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
-                PRODUCT_PRECISION=cfg.product_precision, num_warps=cfg.num_warps,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
+                **product_constexprs(cfg, native_bf16=not INTERPRETED), **cfg.launch_options(),
             )
-        return dv, du, None, None, None
+        return df, du, None, None, None
 
 
 def triton_pixel_infonce(
-    v: torch.Tensor,
+    f: torch.Tensor,
     layout: SortedPixels,
     *,
     inv_tau: float,
     pos_weight: Optional[torch.Tensor] = None,
     config: Optional[TritonConfig] = None,
 ) -> torch.Tensor:
-    """Loss of the sorted rows with the fused Triton kernels.
+    """Loss of the sorted rows with the fused Triton kernels (normalisation included).
 
     Args:
-        v: (n, C) unit features of the sorted valid rows, float16 / bfloat16 / float32, on the
-            layout's device.
+        f: (n, C) raw features of the sorted valid rows, float16 / bfloat16 / float32, on the
+            layout's device. They are L2-normalised inside (v = f / max(||f||, 1e-12)).
         layout: the `SortedPixels` these rows come from.
         inv_tau: 1 / temperature.
         pos_weight: (n,) u of the sorted rows, or None (ones). Cast to float32.
-        config: block sizes and precisions, `TritonConfig()` by default.
+        config: launch parameters; default the preset DEFAULT_VARIANT of `VARIANTS`.
 
     Returns:
-        (n,) float32 loss per sorted row, differentiable w.r.t. v and pos_weight.
+        (n,) float32 loss per sorted row, differentiable w.r.t. f (gradient in f's dtype) and
+        pos_weight.
     """
-    if v.dim() != 2 or v.shape[0] != layout.num_rows:
-        raise ValueError(f"v must have shape ({layout.num_rows}, C), got {tuple(v.shape)}")
-    if v.dtype not in _DTYPES:
-        raise TypeError(f"v must be float16, bfloat16 or float32, got {v.dtype}")
-    if v.device != layout.index.device:
-        raise ValueError(f"v is on {v.device} but the layout is on {layout.index.device}")
-    if not v.is_cuda and not INTERPRETED:
+    if not isinstance(f, torch.Tensor) or f.dim() != 2 or f.shape[0] != layout.num_rows:
+        raise ValueError(f"f must be a tensor of shape ({layout.num_rows}, C), got "
+                         f"{tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__}")
+    if f.dtype not in _DTYPES:
+        raise TypeError(f"f must be float16, bfloat16 or float32, got {f.dtype}")
+    if f.device != layout.index.device:
+        raise ValueError(f"f is on {f.device} but the layout is on {layout.index.device}")
+    if not f.is_cuda and not INTERPRETED:
         raise ValueError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 on a CPU")
-    if not v.is_cuda and v.dtype == torch.bfloat16:
-        # numpy has no bfloat16: the interpreter would return garbage rather than fail.
+    if not f.is_cuda and not _interpreter_can_run(f.dtype):
         raise TypeError("bfloat16 needs a CUDA device: Triton's CPU interpreter does not support it")
-    cfg = (config or TritonConfig()).resolved(v.shape[1], v.dtype)
+    if config is not None and not isinstance(config, TritonConfig):
+        raise TypeError(f"config must be a TritonConfig, got {type(config).__name__}")
+    cfg = (config or variant_config(DEFAULT_VARIANT, f.dtype)).resolved(f.shape[1], f.dtype)
     u = pos_weight.float().contiguous() if pos_weight is not None else None
-    return TritonPixelInfoNCE.apply(v.contiguous(), u, layout, float(inv_tau), cfg)
+    return TritonPixelInfoNCE.apply(f.contiguous(), u, layout, float(inv_tau), cfg)

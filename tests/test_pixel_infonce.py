@@ -1,6 +1,7 @@
 """Tests of kernels.pixel_infonce (CLUDA Eq. 2): the reference against a plain double loop, the tiled
-torch path and the Triton kernels (under TRITON_INTERPRET=1 on a CPU) against the reference, edge
-cases, input errors and determinism. Everything here runs on a CPU in seconds.
+torch path and the Triton kernels (under TRITON_INTERPRET=1 on a CPU; every launch variant of
+kernels.triton_infonce.VARIANTS) against the reference, the fused normalisation, edge cases, input
+errors and determinism. Everything here runs on a CPU in seconds.
 """
 import math
 import os
@@ -11,11 +12,22 @@ import pytest
 import torch
 
 from kernels import pixel_infonce
+from kernels.functional import pixel_infonce_with_config
 from kernels.layout import sort_pixels
 from kernels.tiled import tiled_pixel_infonce
 
 HAS_TRITON_CPU = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON_CPU, reason="needs CUDA or TRITON_INTERPRET=1")
+# The launch variants (kernels.triton_infonce.VARIANTS) other than the default ("triton" is v1),
+# as impl strings "triton:<name>" understood by `evaluate`. Listed here so that collecting the
+# tests needs no triton import.
+VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide")
+# The variants whose launch differs from v1's for float32 inputs: "bf16prod" and "fulld" are v1
+# there (their bfloat16 product applies to bfloat16 inputs, which the interpreter cannot run:
+# test_triton_bf16_product_rounds_like_bfloat16 forces it on float32; their 512-channel backward
+# applies to 16-bit inputs, run in test_triton_float16_interpreter).
+FLOAT32_VARIANTS = ("triton:wide", "triton:resident")
+FLOAT16_VARIANTS = ("triton:fulld", "triton:resident", "triton:wide")
 
 
 def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weight=False,
@@ -46,7 +58,8 @@ def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weigh
 
 
 def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
-    """Loss, feats gradient and pos_weight gradient (None without weights) of one implementation."""
+    """Loss, feats gradient and pos_weight gradient (None without weights) of one implementation
+    ("reference", "torch", "triton", or "triton:<variant>" for a preset of VARIANTS)."""
     f = feats.to(dtype).clone().requires_grad_()
     kw = dict(kwargs)
     u = None
@@ -54,7 +67,13 @@ def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
         u = kw["pos_weight"].to(torch.float64 if dtype == torch.float64 else torch.float32)
         u = u.clone().requires_grad_()
         kw["pos_weight"] = u
-    loss = pixel_infonce(f, labels, temperature=temperature, impl=impl, **kw)
+    if impl.startswith("triton:"):
+        from kernels.triton_infonce import variant_config
+
+        config = variant_config(impl.split(":", 1)[1], dtype)
+        loss = pixel_infonce_with_config(f, labels, temperature=temperature, config=config, **kw)
+    else:
+        loss = pixel_infonce(f, labels, temperature=temperature, impl=impl, **kw)
     (loss * upstream.to(loss.dtype)).sum().backward()
     return loss.detach(), f.grad, (u.grad if u is not None else None)
 
@@ -109,8 +128,23 @@ def _case_id(case):
     return f"N{n}-C{c}-K{k}-tau{tau}-{flags or 'plain'}"
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+# The cases the float32 variants run (the interpreter is slow): every option, C = 1 (padded to 16
+# channels) and 64, a single pixel, and row blocks inside one class (test_triton_block_sizes adds
+# resident row blocks at C = 70).
+VARIANT_CASES = [CASES[i] for i in (0, 5, 7, 11)]
+
+
+def _impl_param(impl, *values):
+    """pytest.param of (impl, *values), skipped without Triton for the triton impls."""
+    marks = [needs_triton] if impl.startswith("triton") else []
+    return pytest.param(impl, *values, marks=marks,
+                        id="-".join([impl] + [_case_id(v) for v in values]))
+
+
+@pytest.mark.parametrize("impl, case",
+                         [_impl_param(impl, case) for impl in ("torch", "triton") for case in CASES]
+                         + [_impl_param(impl, case) for impl in FLOAT32_VARIANTS
+                            for case in VARIANT_CASES])
 def test_matches_reference(impl, case):
     n, c, k, tau, grp, excl, w, clu = case
     feats, labels, kwargs, upstream = make_inputs(n, c, k, seed=hash(case) % 2**31, groups=grp,
@@ -204,43 +238,132 @@ def test_tiled_block_size_does_not_change_result(block_rows):
 
 
 @needs_triton
-@pytest.mark.parametrize("blocks, classes", [((16, 16, 16, 16), 5), ((16, 32, 16, 64), 2),
-                                             ((32, 64, 16, 32), 5)])
-def test_triton_block_sizes(blocks, classes):
+@pytest.mark.parametrize("blocks, resident, classes", [
+    ((16, 16, 16, 16), False, 5), ((16, 32, 16, 64), False, 2), ((32, 64, 16, 32), False, 5),
+    # Resident rows: the forward keeps all 70 channels (padded to 128) of its rows on chip and
+    # does one GEMM per tile; backward (block_d = 128 >= C) runs one program per row block.
+    ((16, 32, None, None), True, 2), ((32, 16, None, None), True, 5)])
+def test_triton_block_sizes(blocks, resident, classes):
     """Small tiles: many row blocks, several channel chunks and gradient channel programs; with two
-    classes, row blocks that lie inside one class (pass 1 skips their class columns)."""
+    classes, row blocks that lie inside one class (pass 1 skips their class columns). The Triton
+    Function takes the raw sorted features and normalises them itself; the tiled path gets the
+    normalisation from torch autograd."""
     from kernels.triton_infonce import TritonConfig, triton_pixel_infonce
 
     bm, bn, bc, bd = blocks
     feats, labels, kwargs, upstream = make_inputs(201, 70, classes, seed=13, groups=True,
                                                   exclusive=True, weight=True, clustered=True)
     layout = sort_pixels(labels, groups=kwargs["groups"], exclusive=kwargs["exclusive"])
-    v = torch.nn.functional.normalize(feats[layout.index], dim=1)
+    f = feats[layout.index]
     u = kwargs["pos_weight"][layout.index]
     g = upstream[layout.index]
-    ref_v, ref_u = v.clone().requires_grad_(), u.clone().requires_grad_()
-    ref = tiled_pixel_infonce(ref_v, layout, inv_tau=10.0, pos_weight=ref_u)
+    ref_f, ref_u = f.clone().requires_grad_(), u.clone().requires_grad_()
+    ref = tiled_pixel_infonce(torch.nn.functional.normalize(ref_f, dim=1), layout, inv_tau=10.0,
+                              pos_weight=ref_u)
     (ref * g).sum().backward()
-    v32, u32 = v.float().requires_grad_(), u.float().requires_grad_()
-    cfg = TritonConfig(block_m=bm, block_n=bn, block_c=bc, block_d=bd)
-    loss = triton_pixel_infonce(v32, layout, inv_tau=10.0, pos_weight=u32, config=cfg)
+    f32, u32 = f.float().requires_grad_(), u.float().requires_grad_()
+    cfg = TritonConfig(block_m=bm, block_n=bn, block_c=bc, block_d=bd, resident_rows=resident)
+    assert cfg.resolved(70, torch.float32).resident_rows == resident
+    loss = triton_pixel_infonce(f32, layout, inv_tau=10.0, pos_weight=u32, config=cfg)
     (loss * g.float()).sum().backward()
     assert_matches(loss, ref, what="loss", **loss_tol(0.1))
-    assert_matches(v32.grad, ref_v.grad, what="v grad", **grad_tol(0.1))
+    assert_matches(f32.grad, ref_f.grad, what="f grad", **grad_tol(0.1, feats))
     assert_matches(u32.grad, ref_u.grad, what="u grad", **grad_tol(0.1))
 
 
-@needs_triton
-def test_triton_float16_interpreter():
-    """float16 inputs: v is rounded to float16 (2**-11 relative), so s moves by ~1e-3 and
-    t = (s - 1) / tau by ~1e-2 at tau = 0.1; the loss (an average of log terms) moves by that much."""
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("triton",) + FLOAT16_VARIANTS])
+def test_triton_float16_interpreter(impl):
+    """float16 inputs: f is rounded to float16 (2**-11 relative), so s moves by ~1e-3 and
+    t = (s - 1) / tau by ~1e-2 at tau = 0.1; the loss (an average of log terms) moves by that much.
+    The gradient is written in float16 (2**-11 per entry)."""
     feats, labels, kwargs, upstream = make_inputs(150, 32, 4, seed=17, weight=True)
     ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=0.1)
-    got = evaluate("triton", feats, labels, kwargs, upstream, dtype=torch.float16, temperature=0.1)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float16, temperature=0.1)
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float16
     assert_matches(got[0], ref[0], rtol=0.0, atol_scale=3e-3, what="loss")
     rel = (got[1].double() - ref[1]).norm() / ref[1].norm()
     assert rel < 3e-2, f"float16 feats grad relative error {rel:.3g}"
+    rel_u = (got[2].double() - ref[2]).norm() / ref[2].norm()
+    assert rel_u < 3e-2, f"float16 pos_weight grad relative error {rel_u:.3g}"
+
+
+@needs_triton
+def test_triton_bf16_product_rounds_like_bfloat16():
+    """The H @ V product with bfloat16 operands (forced for float32 inputs here) moves the gradient
+    by about bfloat16's rounding and no more: more than the float32 product (it does round), less
+    than 1 % in relative norm. The loss does not depend on it."""
+    from kernels.triton_infonce import TritonConfig
+
+    feats, labels, kwargs, upstream = make_inputs(260, 48, 5, seed=23, groups=True, weight=True,
+                                                  clustered=True)
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=0.1)
+    outs = {}
+    for precision in ("ieee", "bf16"):
+        f = feats.float().requires_grad_()
+        loss = pixel_infonce_with_config(f, labels, temperature=0.1, **kwargs,
+                                         config=TritonConfig(product_precision=precision))
+        (loss * upstream.float()).sum().backward()
+        outs[precision] = (loss.detach(), f.grad)
+    torch.testing.assert_close(outs["bf16"][0], outs["ieee"][0], rtol=0, atol=0)
+    rel = {k: ((g.double() - ref[1]).norm() / ref[1].norm()).item() for k, (_, g) in outs.items()}
+    assert rel["ieee"] < 1e-4 and 1e-5 < rel["bf16"] < 1e-2, rel
+
+
+@needs_triton
+@pytest.mark.parametrize("impl", ["triton", "triton:resident"])
+def test_triton_normalisation_clamp_and_scale(impl):
+    """The fused normalisation against torch's `f / max(||f||, 1e-12)`: rows of very different
+    norms (1e-3 to 1e3), an all-zero row, and rows below the clamp (norm ~1e-14: only scaled by
+    1e12, no projection in backward) give the same loss and gradient as the tiled torch path."""
+    feats, labels, _, upstream = make_inputs(120, 9, 3, seed=29, clustered=True)
+    gen = torch.Generator().manual_seed(30)
+    scale = 10.0 ** (6 * torch.rand(120, 1, generator=gen, dtype=torch.float64) - 3)
+    feats = feats * scale
+    feats[5] = 0.0
+    feats[[7, 11, 40]] *= 1e-14 / feats[[7, 11, 40]].norm(dim=1, keepdim=True)
+    labels[[0, 5, 7, 11, 40]] = 1  # valid anchors / partners, all in one class
+    ref = evaluate("torch", feats, labels, {}, upstream, dtype=torch.float32, temperature=0.5)
+    got = evaluate(impl, feats, labels, {}, upstream, dtype=torch.float32, temperature=0.5)
+    assert_matches(got[0], ref[0], what="loss", **loss_tol(0.5))
+    # Gradients of rows with norm 1e-14 are ~1e14 x those of unit rows: compare row by row,
+    # relative to each row's size.
+    row_err = (got[1] - ref[1]).double().norm(dim=1) / ref[1].double().norm(dim=1).clamp_min(1e-30)
+    assert row_err.max() < 1e-4, row_err.max()
+    assert ref[1][[7, 11, 40]].abs().max() > 1e8  # the clamped rows do get the 1e12 scaling
+
+
+@needs_triton
+def test_triton_config_resolution_and_errors():
+    from kernels.triton_infonce import DEFAULT_VARIANT, VARIANTS, TritonConfig, variant_config
+
+    assert set(VARIANT_NAMES) | {"v1"} == set(VARIANTS) and DEFAULT_VARIANT in VARIANTS
+    assert variant_config("v1", torch.float16) == TritonConfig()
+    cfg = TritonConfig().resolved(70, torch.float32)
+    assert (cfg.block_c, cfg.block_d, cfg.product_precision) == (64, 128, "ieee")
+    cfg = TritonConfig(block_c=64, block_d=512).resolved(3, torch.float16)  # capped at 16 channels
+    assert (cfg.block_c, cfg.block_d, cfg.product_precision) == (16, 16, "tf32")
+    cfg = TritonConfig(resident_rows=True).resolved(500, torch.bfloat16)
+    assert cfg.resident_rows and cfg.forward_block_c(500) == 512 and cfg.block_c == 64
+    # Too wide to stay resident: 64 x 1024 x 2 bytes > 64 KiB; float32 at C = 512 too.
+    for c, dtype in ((768, torch.bfloat16), (512, torch.float32)):
+        cfg = TritonConfig(resident_rows=True).resolved(c, dtype)
+        assert not cfg.resident_rows and cfg.forward_block_c(c) == 64
+    full = variant_config("fulld", torch.bfloat16).resolved(512, torch.bfloat16)
+    assert full.block_d == 512 and full.product_precision == "bf16"
+    assert variant_config("fulld", torch.float32).resolved(512, torch.float32).block_d == 128
+    assert variant_config("resident", torch.float32).product_precision is None
+    assert TritonConfig(num_stages=2).launch_options() == {"num_warps": 8, "num_stages": 2}
+    for bad, error in ((dict(block_m=48), ValueError), (dict(block_d=8), ValueError),
+                       (dict(block_d=1024), ValueError), (dict(num_warps=3), ValueError),
+                       (dict(num_stages=0), ValueError), (dict(product_precision="fp8"), ValueError),
+                       (dict(dot_precision="bf16"), ValueError), (dict(resident_rows=1), TypeError)):
+        with pytest.raises(error):
+            TritonConfig(**bad).resolved(64, torch.float32)
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_config("fastest", torch.float32)
+    with pytest.raises(TypeError, match="config"):
+        pixel_infonce_with_config(torch.randn(10, 4), torch.randint(0, 3, (10,)),
+                                  temperature=0.1, config={"block_m": 64})
 
 
 # ---- edge cases -------------------------------------------------------------------------------
@@ -348,7 +471,7 @@ def test_auto_is_torch_on_cpu():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("torch", "triton") + FLOAT32_VARIANTS])
 def test_deterministic_gradients(impl):
     feats, labels, kwargs, upstream = make_inputs(180, 16, 6, seed=12, groups=True, exclusive=True,
                                                   weight=True)

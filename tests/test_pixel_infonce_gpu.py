@@ -1,5 +1,6 @@
 """GPU checks of the fused Triton kernels (skipped without CUDA): float16 / bfloat16 / float32
-against a float64 reference, a large N against the tiled torch path, memory, determinism.
+against a float64 reference, every launch variant's real bfloat16 / float16 code (the interpreter
+has no bfloat16) against it, a large N against the tiled torch path, memory, determinism.
 """
 import pytest
 import torch
@@ -57,14 +58,38 @@ def test_triton_large_n_against_tiled_torch(dtype):
     got = evaluate("triton", feats, labels, kwargs, upstream, dtype=dtype, temperature=0.1)
     torch.cuda.synchronize()
     growth = torch.cuda.max_memory_allocated() - base
-    # O(N * C) buffers only; one N x N float32 matrix would be 17 GB.
-    assert growth < 256 * 2**20, f"peak growth {growth / 2**20:.0f} MiB"
+    # O(N * C) buffers only (one N x N float32 matrix would be 17 GB): the fused normalisation keeps
+    # the gathered features, their gradient and feats.grad, about 3x the features (issue 3's
+    # target is 4x + 64 MiB; v1's float32 wrapper took 12x).
+    feats_bytes = feats.numel() * feats.element_size()
+    assert growth < 4 * feats_bytes + 64 * 2**20, f"peak growth {growth / 2**20:.0f} MiB"
     # The tiled path in float32 on the same rounded input (the rounding of v is the difference).
     ref = evaluate("torch", feats.double(), labels, kwargs, upstream, dtype=torch.float32,
                    temperature=0.1)
     for name, a, b in zip(("loss", "feats grad", "pos_weight grad"), got, ref):
         assert torch.isfinite(a).all()
         assert _rel(a, b) < HALF_TOL[dtype], f"{dtype} {name}: relative error {_rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("variant, dtype", [
+    ("bf16prod", torch.bfloat16), ("fulld", torch.bfloat16), ("resident", torch.bfloat16),
+    ("wide", torch.bfloat16), ("resident", torch.float16)])
+def test_triton_variants_match_reference_on_gpu(variant, dtype):
+    """C = 512: "resident" keeps 64 x 512 rows on chip, "fulld" / "resident" own all 512 gradient
+    channels per backward program, every variant takes bfloat16 operands for H @ V with bfloat16
+    inputs (float16 keeps TF32). The bound is HALF_TOL, as for v1: the bfloat16 product rounds H
+    to the inputs' own 8-bit mantissa (about 4e-3 relative in the gradient, measured with float16
+    inputs under the interpreter)."""
+    inputs = _to_cuda(*make_inputs(2500, 512, 19, seed=37, groups=True, exclusive=True,
+                                   weight=True, clustered=True))
+    feats, labels, kwargs, upstream = inputs
+    feats = feats.to(dtype).double()
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=0.1)
+    got = evaluate(f"triton:{variant}", feats, labels, kwargs, upstream, dtype=dtype, temperature=0.1)
+    assert got[1].dtype == dtype
+    for name, a, b in zip(("loss", "feats grad", "pos_weight grad"), got, ref):
+        assert torch.isfinite(a).all()
+        assert _rel(a, b) < HALF_TOL[dtype], f"{variant} {dtype} {name}: relative error {_rel(a, b):.3g}"
 
 
 def test_triton_deterministic_and_auto_on_gpu():
