@@ -6,7 +6,9 @@ TFLOP/s of forward, backward and both, for each implementation ("provider"):
 - triton:    the fused Triton kernels (`impl="triton"`; CUDA, or Triton's numpy interpreter on a
              CPU for N <= --interp-max-n: a smoke test of the plumbing, not the kernel's speed);
 - compile:   `torch.compile` of the reference (normalisation + `kernels.reference`, without the
-             op's input checks), compiled afresh for every cell; a failure is recorded as such.
+             op's input checks), compiled afresh for every cell; a failure is recorded as such;
+- triton:<variant>: the Triton kernels with a launch preset of `kernels.triton_infonce.VARIANTS`
+             (`--variants`: the comparison a GPU session picks the default from).
 
 Inputs look like Cityscapes at the decoder's resolution: 19 classes drawn with Cityscapes' pixel
 frequencies, 10 % ignored pixels, the stuff / thing groups of CLUDA Sec. 5.5, and ReLU features
@@ -24,12 +26,23 @@ recorded in the row, not a crash.
 Usage (from the repository root):
     python -m bench.bench_pixel_infonce --quick                  # small CPU sweep, < 1 min
     python -m bench.bench_pixel_infonce --budget-s 300           # the GPU sweep
+    python -m bench.bench_pixel_infonce --variants all --n 131072,16384 --c 512 --dtype bfloat16
+                                                                 # the launch variants (GPU)
+    python -m bench.bench_pixel_infonce --standin-memory         # the Triton path's wrapper
+                                                                 # memory on a CPU (see below)
     python -m bench.bench_pixel_infonce --report-only            # rebuild .md / .png from the CSV
     python -m bench.bench_pixel_infonce --merge OTHER.csv         # add another run's rows (a GPU's)
 
 Rows are appended to OUT/pixel_infonce.csv (default OUT: bench/results); OUT/pixel_infonce.md is
 rebuilt from the whole CSV (one section per run, newest first) and OUT/pixel_infonce.png plots the
 newest run's device (the latest measurement of each cell on it).
+
+`--standin-memory` measures, on a CPU, the peak memory of everything the "triton" path does around
+its two N^2 kernels (gather, norms, per-row statistics, output buffers, autograd, scatter): the
+kernels are replaced by stand-ins that write their outputs (so every page is touched, as the
+kernels would) and do none of the N^2 work, so N = 131,072 takes seconds. CUDA's allocator would
+count the same tensors. It prints peak growth of forward and of forward + backward against the
+issue's target, 4 x the features + 64 MiB.
 """
 import argparse
 import gc
@@ -172,8 +185,20 @@ def reference_loss(feats: torch.Tensor, labels: torch.Tensor, groups: torch.Tens
     return reference_pixel_infonce(v, labels, temperature=TEMPERATURE, groups=groups)
 
 
+def is_triton(provider: str) -> bool:
+    """"triton" or one of its launch variants "triton:<name>"."""
+    return provider == "triton" or provider.startswith("triton:")
+
+
 def make_forward(provider: str, inp: Inputs) -> Callable[[], torch.Tensor]:
     """A call that returns the (N,) loss of `inp` with the given provider."""
+    if provider.startswith("triton:"):
+        from kernels.functional import pixel_infonce_with_config
+        from kernels.triton_infonce import variant_config
+
+        config = variant_config(provider.split(":", 1)[1], inp.feats.dtype)
+        return lambda: pixel_infonce_with_config(inp.feats, inp.labels, temperature=TEMPERATURE,
+                                                 groups=inp.groups, config=config)
     if provider == "compile":
         # A fresh compilation per cell: no graph of another shape, no recompile-limit fallback to
         # eager. dynamic=False gives kernels specialised to the shape, as a user would get.
@@ -249,6 +274,7 @@ class Settings:
 GPU_PRESET = dict(n=(8450, 16384, 32768, 65536, 131072, 524288), c=(256, 512, 768),
                   dtype=("bfloat16", "float32"), providers=("triton", "reference", "torch", "compile"),
                   reps_time_s=1.0, min_reps=2, max_reps=20, max_call_s=30.0, threads=None)
+STANDIN_PRESET = dict(n=(131072,), c=(512,), dtype=("bfloat16", "float32"))
 QUICK_PRESET = dict(n=(512, 1024, 4096), c=(64,), dtype=("float32",),
                     providers=("reference", "torch", "triton"),
                     reps_time_s=0.2, min_reps=3, max_reps=10, max_call_s=20.0, threads=1)
@@ -292,7 +318,7 @@ class History:
 
 def _guard(cell: Cell, settings: Settings, history: History) -> Optional[str]:
     """A status that skips the cell before it runs, or None."""
-    if cell.provider == "triton" and settings.device.type == "cpu":
+    if is_triton(cell.provider) and settings.device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             return "skipped (no CUDA and TRITON_INTERPRET unset)"
         if cell.n > settings.interp_max_n:
@@ -375,7 +401,7 @@ def run_cell(cell: Cell, settings: Settings, history: History,
                     **{"pass": p}, matmul_kind=kind, matmul_tflops=f"{mm_rate:.4g}", status="",
                     note="")
             for p in settings.passes}
-    interpreted = cell.provider == "triton" and settings.device.type == "cpu"
+    interpreted = is_triton(cell.provider) and settings.device.type == "cpu"
 
     def finish(status: str) -> List[Dict[str, object]]:
         for row in rows.values():
@@ -692,6 +718,41 @@ def summary(run: Sequence[Dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def variants_summary(run: Sequence[Dict[str, str]]) -> str:
+    """The launch-variant comparison of a run: every "triton:<variant>" cell with its fwd, bwd and
+    fwd+bwd medians, and per (N, C, dtype) the fastest fwd+bwd with its speed-up over v1."""
+    rows = [r for r in run if r["provider"].startswith("triton:")]
+    if not rows:
+        return "no launch-variant rows in this run"
+    lines = ["== launch variants (kernels.triton_infonce.VARIANTS): medians in ms, fwd+bwd "
+             "TFLOP/s and % of the matmul rate, peak MiB of fwd+bwd",
+             f"{'variant':<16} {'N':>8} {'C':>4} {'dtype':<9} {'fwd':>9} {'bwd':>9} "
+             f"{'fwd+bwd':>9} {'TFLOP/s':>8} {'%mm':>6} {'MiB':>7} {'det':>4}  status"]
+    verdicts = []
+    for (provider_n_c_d, passes) in _cells(rows).items():
+        provider, n, c, dtype = provider_n_c_d
+        full = passes.get("full")
+        share = _f(full, "share_of_matmul") if full else None
+        lines.append(f"{provider:<16} {n:>8} {c:>4} {dtype:<9} {_ms(passes.get('fwd')):>9} "
+                     f"{_ms(passes.get('bwd')):>9} {_ms(full):>9} "
+                     f"{(full or {}).get('tflops') or '-':>8} "
+                     f"{'-' if share is None else f'{100 * share:.1f}':>6} {_mib(full):>7} "
+                     f"{(full or {}).get('deterministic') or '-':>4}  {_status(passes)}")
+    groups = sorted({(int(r["n"]), int(r["c"]), r["dtype"]) for r in rows})
+    for n, c, dtype in groups:
+        timed = {r["provider"]: _f(r, "median_ms") for r in rows
+                 if (int(r["n"]), int(r["c"]), r["dtype"], r["pass"]) == (n, c, dtype, "full")
+                 and r["status"] == "ok" and _f(r, "median_ms")}
+        if not timed:
+            continue
+        best = min(timed, key=timed.get)
+        base = timed.get("triton:v1")
+        ratio = f", {base / timed[best]:.2f}x v1" if base else ""
+        verdicts.append(f"fastest fwd+bwd at N={n:,}, C={c}, {dtype}: {best} "
+                        f"({_num(timed[best])} ms{ratio})")
+    return "\n".join(lines + verdicts)
+
+
 def merge_rows(source: Path, target: Path) -> int:
     """Append the rows of `source` (a results CSV) that `target` does not hold yet; return how many.
 
@@ -720,6 +781,94 @@ def write_reports(out: Path) -> List[Dict[str, str]]:
     newest = group_runs(rows)[0]
     write_plot(latest_on_device(rows, newest[0]["device"]), out / PNG_NAME)
     return newest
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of the Triton path around its kernels, on a CPU
+
+
+class _StandInKernel:
+    """Takes the place of one `@triton.jit` kernel: `kernel[grid](*args, **meta)` fills the
+    kernel's output tensors (every page written, as the kernel would) and does no other work.
+
+    Args:
+        jit_fn: the kernel it replaces (for its argument names).
+        outputs: names of its output pointer arguments (names absent from the kernel are skipped,
+            so one stand-in serves kernel versions with different names).
+    """
+
+    def __init__(self, jit_fn, outputs: Sequence[str]):
+        self.positions = [jit_fn.arg_names.index(name) for name in outputs
+                          if name in jit_fn.arg_names]
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            for i in self.positions:
+                args[i].fill_(0.5)
+        return launch
+
+
+def standin_memory(n: int, c: int, dtype: torch.dtype, *, seed: int = 0) -> Dict[str, int]:
+    """Peak memory growth of `pixel_infonce(impl="triton")` on a CPU with stand-in kernels.
+
+    Everything around the two N^2 kernels runs for real (see the module docstring). Needs
+    TRITON_INTERPRET=1 before kernels.triton_infonce is first imported (set here if it was not).
+
+    Args:
+        n: pixels N.
+        c: channels C.
+        dtype: feature dtype (bfloat16 works too: no kernel runs in the interpreter).
+        seed: input seed.
+
+    Returns:
+        feats_bytes, forward and full (forward + backward) peak growth in bytes, as measured by
+        `bench.utils.measure_call` on a warm call.
+    """
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from kernels import triton_infonce as ti
+
+    if not ti.INTERPRETED:
+        raise RuntimeError("kernels.triton_infonce was imported without TRITON_INTERPRET=1: "
+                           "the Triton path cannot run on CPU tensors")
+    device = torch.device("cpu")
+    saved = {name: getattr(ti, name) for name in ("_infonce_fwd_kernel", "_infonce_bwd_kernel",
+                                                   "_interpreter_can_run") if hasattr(ti, name)}
+    ti._infonce_fwd_kernel = _StandInKernel(saved["_infonce_fwd_kernel"],
+                                            ("neg_ptr", "loss_ptr", "r_ptr"))
+    ti._infonce_bwd_kernel = _StandInKernel(saved["_infonce_bwd_kernel"],
+                                            ("df_ptr", "dv_ptr", "du_ptr"))
+    if "_interpreter_can_run" in saved:  # no kernel runs: bfloat16 is fine
+        ti._interpreter_can_run = lambda dtype_: True
+    try:
+        inp = make_inputs(n, c, dtype, device, seed=seed)
+        forward = make_forward("triton", inp)
+
+        def full():
+            forward().backward(inp.upstream)
+
+        full()  # warm-up: lazy imports and first-call allocations stay out of the numbers
+        _, fwd_peak = measure_call(forward, device, grad_to_none=[inp.feats])
+        _, full_peak = measure_call(full, device, grad_to_none=[inp.feats])
+    finally:
+        for name, value in saved.items():
+            setattr(ti, name, value)
+    if fwd_peak is None or full_peak is None:
+        raise OSError("peak RSS cannot be measured here (needs Linux /proc/self/clear_refs)")
+    return dict(feats_bytes=inp.feats.numel() * inp.feats.element_size(), forward=fwd_peak,
+                full=full_peak)
+
+
+def standin_memory_table(results: Sequence[Tuple[int, int, str, Dict[str, int]]]) -> str:
+    """Markdown rows of `standin_memory` results: (n, c, dtype name, result) each."""
+    lines = ["| N | C | dtype | feats | forward | forward + backward | target 4 x feats + 64 MiB |",
+             "|---:|---:|---|---:|---:|---:|---:|"]
+    for n, c, dtype, r in results:
+        feats = r["feats_bytes"]
+        lines.append(f"| {n:,} | {c} | {dtype} | {feats / 2**20:,.0f} MiB | "
+                     f"{r['forward'] / 2**20:,.0f} MiB ({r['forward'] / feats:.1f}x) | "
+                     f"{r['full'] / 2**20:,.0f} MiB ({r['full'] / feats:.1f}x) | "
+                     f"{(4 * feats + 64 * 2**20) / 2**20:,.0f} MiB |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,7 +930,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's own; --quick: 1)")
     p.add_argument("--interp-max-n", type=int, default=512,
                    help="largest N for the Triton interpreter on a CPU")
+    p.add_argument("--variants", type=_csv_list(str),
+                   help="compare launch variants of the Triton kernels instead of providers: "
+                        "comma-separated names of kernels.triton_infonce.VARIANTS, or 'all'")
+    p.add_argument("--standin-memory", action="store_true",
+                   help="measure the Triton path's memory around stand-in kernels on a CPU "
+                        "(default --n 131072 --c 512 --dtype bfloat16,float32) and exit")
     args = p.parse_args(argv)
+    if args.standin_memory:
+        args.n, args.c = args.n or STANDIN_PRESET["n"], args.c or STANDIN_PRESET["c"]
+        args.dtype = args.dtype or STANDIN_PRESET["dtype"]
     preset = QUICK_PRESET if args.quick else GPU_PRESET
     for key, attr in (("n", "n"), ("c", "c"), ("dtype", "dtype"), ("providers", "providers"),
                       ("reps_time_s", "reps_time"), ("min_reps", "min_reps"),
@@ -822,6 +980,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report_only or args.merge is not None:
         print(summary(write_reports(out)))
         return 0
+    if args.standin_memory:
+        results = []
+        for n in args.n:
+            for c in args.c:
+                for dtype in args.dtype:
+                    results.append((n, c, dtype, standin_memory(n, c, DTYPES[dtype])))
+                    print(standin_memory_table(results[-1:]).splitlines()[-1], flush=True)
+        print(f"peak growth on this CPU ({device_name(torch.device('cpu'))}), stand-in kernels:")
+        print(standin_memory_table(results))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -853,13 +1021,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         matmul[dtype] = (kind, matmul_tflops(device, kind))
         print(f"matmul {kind}: {matmul[dtype][1]:.4g} TFLOP/s", flush=True)
 
-    cells = [Cell(p, n, c, d) for p in args.providers for n in args.n for c in args.c
-             for d in args.dtype]
-    if device.type == "cpu" and "triton" in args.providers:
+    if args.variants:
+        # Every variant at the largest N first (the headline), then the next N, and so on.
+        from kernels.triton_infonce import VARIANTS
+
+        names = tuple(VARIANTS) if args.variants == ("all",) else args.variants
+        unknown = [v for v in names if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--variants: unknown {unknown}; known: {tuple(VARIANTS)}")
+        cells = [Cell(f"triton:{v}", n, c, d) for n in sorted(args.n, reverse=True)
+                 for c in args.c for d in args.dtype for v in names]
+    else:
+        cells = [Cell(p, n, c, d) for p in args.providers for n in args.n for c in args.c
+                 for d in args.dtype]
+        cells.sort(key=cell_priority)
+    if device.type == "cpu" and any(is_triton(x.provider) for x in cells):
         # On a CPU the kernels run in Triton's interpreter: a smoke test at small N only.
-        cells = [x for x in cells if x.provider != "triton" or x.n <= args.interp_max_n]
+        cells = [x for x in cells if not is_triton(x.provider) or x.n <= args.interp_max_n]
         print(f"triton on a CPU: interpreter smoke cells for N <= {args.interp_max_n} only", flush=True)
-    cells.sort(key=cell_priority)
     history = History()
     csv_path = out / CSV_NAME
     try:
@@ -876,7 +1055,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not csv_path.exists():
         print("no cell was measured", flush=True)
         return 1
-    print(summary(write_reports(out)), flush=True)
+    newest = write_reports(out)
+    print(variants_summary(newest) if args.variants else summary(newest), flush=True)
     return 0
 
 

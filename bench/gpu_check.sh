@@ -6,20 +6,30 @@
 #
 # 1. environment (nvidia-smi, python, torch, triton)           -> $OUT/env.txt
 # 2. the GPU-marked tests, `python -m pytest -m gpu -q`          -> $OUT/pytest_gpu.log
-# 3. the GPU benchmark sweep under a time budget                 -> $OUT/pixel_infonce.{csv,md,png},
+# 3. the launch variants of the Triton kernels (kernels.triton_infonce.VARIANTS) at N = 131,072
+#    and 16,384, C = 512, bfloat16, forward / backward / both      -> rows in pixel_infonce.csv,
+#                                                                   $OUT/variants.log
+# 4. the GPU benchmark sweep under a time budget                 -> $OUT/pixel_infonce.{csv,md,png},
 #                                                                   $OUT/bench.log
-# 4. the short table (issue 3's targets, the C=512 bf16 slice), printed last.
+# 5. the short table (issue 3's targets, the C=512 bf16 slice), then the variant comparison with
+#    the fastest variant per N, printed last.
 #
-# About 8 minutes on an H100 at most: tests <= 120 s, the sweep starts no cell after 270 s and is
-# stopped (SIGTERM, reports still written) at 345 s. Nothing is installed: the device machine has
-# no network; its python3 (torch 2.11, triton 3.6) imports the repository through PYTHONPATH.
-# --dry-run runs the same steps on a CPU with the quick sweep. Knobs (environment):
+# About 8 minutes on an H100 at most: tests <= 110 s; the variants start no cell after 75 s and
+# are stopped at 105 s; the sweep starts no cell after 170 s and is stopped (SIGTERM, reports
+# still written) at 230 s. Nothing is installed: the device machine has no network; its python3
+# (torch 2.11, triton 3.6) imports the repository through PYTHONPATH.
+# --dry-run runs the same steps on a CPU with the quick sweep, and without step 3 unless
+# GPU_CHECK_VARIANTS is set. Knobs (environment):
 #   OUT                      output folder (default: a new temporary folder)
 #   PYTHON                   interpreter (default: python3)
 #   CLUDA_GIT_REV            revision stamp when the copy has no .git
 #   GPU_CHECK_TESTS          what pytest collects (default: tests)
-#   GPU_CHECK_TEST_TIMEOUT   seconds for the tests (default: 120)
-#   GPU_CHECK_BUDGET_S       sweep budget in seconds (default: 270)
+#   GPU_CHECK_TEST_TIMEOUT   seconds for the tests (default: 110)
+#   GPU_CHECK_VARIANTS       variants to compare, comma-separated, "all" or "none" (default: all;
+#                            --dry-run: none)
+#   GPU_CHECK_VARIANTS_ARGS  their cells (default: --n 131072,16384 --c 512 --dtype bfloat16)
+#   GPU_CHECK_VARIANTS_BUDGET_S  variant budget in seconds (default: 75)
+#   GPU_CHECK_BUDGET_S       sweep budget in seconds (default: 170)
 #   GPU_CHECK_BENCH_ARGS     extra arguments for bench.bench_pixel_infonce
 set -uo pipefail
 
@@ -36,10 +46,14 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TESTS="${GPU_CHECK_TESTS:-tests}"
-TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-120}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-270}"
-HARD_LIMIT_S=$((BUDGET_S + 75))
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-110}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-170}"
+HARD_LIMIT_S=$((BUDGET_S + 60))
 read -r -a EXTRA_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
+if [ "$DRY_RUN" = 1 ]; then VARIANTS="${GPU_CHECK_VARIANTS:-none}"; else VARIANTS="${GPU_CHECK_VARIANTS:-all}"; fi
+read -r -a VARIANT_ARGS <<< "${GPU_CHECK_VARIANTS_ARGS:---n 131072,16384 --c 512 --dtype bfloat16}"
+VARIANTS_BUDGET_S="${GPU_CHECK_VARIANTS_BUDGET_S:-75}"
+VARIANTS_HARD_LIMIT_S=$((VARIANTS_BUDGET_S + 30))
 
 # ---- 1. environment ------------------------------------------------------------------------
 {
@@ -82,7 +96,19 @@ case $TEST_RC in
 esac
 tail -n 15 "$OUT/pytest_gpu.log"
 
-# ---- 3. benchmark sweep ----------------------------------------------------------------------
+# ---- 3. launch variants ----------------------------------------------------------------------
+# Before the sweep, so that the sweep stays the newest run of the CSV (the plot and the summary).
+VARIANTS_RC=0
+if [ "$VARIANTS" != none ]; then
+  echo "== bench.bench_pixel_infonce --variants $VARIANTS ${VARIANT_ARGS[*]} (stopped at ${VARIANTS_HARD_LIMIT_S}s)"
+  timeout --signal=TERM --kill-after=20 "$VARIANTS_HARD_LIMIT_S" \
+    "$PY" -m bench.bench_pixel_infonce --variants "$VARIANTS" "${VARIANT_ARGS[@]}" \
+    --budget-s "$VARIANTS_BUDGET_S" --out "$OUT" > "$OUT/variants.log" 2>&1
+  VARIANTS_RC=$?
+  tail -n 3 "$OUT/variants.log"
+fi
+
+# ---- 4. benchmark sweep ----------------------------------------------------------------------
 if [ "$DRY_RUN" = 1 ]; then
   SWEEP=(--quick)
 else
@@ -95,10 +121,10 @@ timeout --signal=TERM --kill-after=30 "$HARD_LIMIT_S" \
 BENCH_RC=$?
 tail -n 5 "$OUT/bench.log"
 
-# ---- 4. the short table, last ----------------------------------------------------------------
+# ---- 5. the short tables, last ---------------------------------------------------------------
 echo
 echo "== summary (files in $OUT: $(cd "$OUT" && ls | tr '\n' ' '))"
-echo "GPU tests: $TEST_RESULT; sweep exit code: $BENCH_RC"
+echo "GPU tests: $TEST_RESULT; sweep exit code: $BENCH_RC$([ "$VARIANTS" != none ] && echo "; variants exit code: $VARIANTS_RC")"
 if [ -s "$OUT/pixel_infonce.csv" ]; then
   "$PY" -m bench.bench_pixel_infonce --report-only --out "$OUT"
   REPORT_RC=$?
@@ -106,7 +132,13 @@ else
   echo "no benchmark rows were written: see $OUT/bench.log"
   REPORT_RC=1
 fi
-if [ "$BENCH_RC" != 0 ] || [ "$REPORT_RC" != 0 ] || { [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 5 ]; }; then
+if [ "$VARIANTS" != none ]; then
+  echo
+  # The variants run's own summary: from its header line to the end of its log.
+  sed -n '/^== launch variants/,$p' "$OUT/variants.log" | grep . || echo "no variant was measured: see $OUT/variants.log"
+fi
+if [ "$BENCH_RC" != 0 ] || [ "$VARIANTS_RC" != 0 ] || [ "$REPORT_RC" != 0 ] \
+   || { [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 5 ]; }; then
   exit 1
 fi
 exit 0
