@@ -163,7 +163,9 @@ class UDASection:
     augmentation of the mixed image (0.2 / 0.8 / 0.5 / [0.15, 1.15]). fd: DAFormer's thing-class
     ImageNet feature distance on source images, weight fd_lambda (0.005); needs ImageNet
     weights to mean anything. hr_crop: HRDA detail crop of mixed images, "random" or "entropy"
-    (CLUDA appendix 7.4: where the teacher's prediction entropy is highest)."""
+    (CLUDA appendix 7.4: where the teacher's prediction entropy is highest). teacher_bn: the
+    teacher's BatchNorm statistics for pseudo-labels, "batch" (DAFormer: the target batch's own,
+    dropout off) or "running" (eval mode)."""
     enabled: bool = True
     start_iter: int = 0
     ema_alpha: float = 0.999
@@ -178,6 +180,7 @@ class UDASection:
     fd: bool = True
     fd_lambda: float = 0.005
     hr_crop: Literal["random", "entropy"] = "random"
+    teacher_bn: Literal["batch", "running"] = "batch"
 
 
 @dataclass
@@ -527,7 +530,7 @@ def build_uda_step(cfg: Config):
         jitter_strength=u.color_jitter_strength, jitter_p=u.color_jitter_p, blur_p=u.blur_p,
         blur_sigma=tuple(u.blur_sigma), fd_lambda=u.fd_lambda if u.fd else 0.0,
         contrastive=contrastive, cl_source=c.source, cl_mixed=c.mixed, cl_weight=c.weight,
-        multires=c.multires, hr_crop=u.hr_crop, seed=cfg.experiment.seed)
+        multires=c.multires, hr_crop=u.hr_crop, teacher_bn=u.teacher_bn, seed=cfg.experiment.seed)
 
 
 # ----------------------------------------------------------------------------------------------

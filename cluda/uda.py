@@ -33,6 +33,7 @@ generator seeded by (seed, iteration, rank), so a resumed run repeats them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -48,10 +49,12 @@ from cluda.models.segmentor import resize
 from cluda.teacher import pseudo_label
 
 __all__ = ["UDAStep", "StepResult", "TrainForward", "SegOutput", "step_seed", "step_generator",
-           "entropy_crop_box", "MULTIRES_MODES", "MIX_MODES", "HR_CROP_MODES"]
+           "entropy_crop_box", "teacher_mode", "MULTIRES_MODES", "MIX_MODES", "HR_CROP_MODES",
+           "TEACHER_BN_MODES"]
 
 MULTIRES_MODES = ("lr", "lr+hr", "weighted")
 MIX_MODES = ("class", "none")
+TEACHER_BN_MODES = ("batch", "running")
 HR_CROP_MODES = ("random", "entropy")
 
 
@@ -151,6 +154,32 @@ def entropy_crop_box(probs: torch.Tensor, crop_size: Sequence[int], *, divisible
     return (y1, y1 + hc, x1, x1 + wc)
 
 
+@contextlib.contextmanager
+def teacher_mode(teacher: nn.Module, bn: str = "batch"):
+    """The mode the teacher predicts pseudo-labels in.
+
+    "batch" is DAFormer's: dropout and drop path off, but BatchNorm layers in training mode, so
+    the target batch is normalised with its own statistics (their running statistics, which the
+    EMA overwrites anyway, are updated as a side effect). "running" is plain eval mode: the
+    running statistics EMA'd from the student's (mostly source and mixed) batches.
+    The teacher's previous mode is restored on exit.
+
+    Args:
+        teacher: the EMA model.
+        bn: "batch" or "running".
+    """
+    if bn not in TEACHER_BN_MODES:
+        raise ValueError(f"bn must be one of {TEACHER_BN_MODES}, got {bn!r}")
+    modes = [(m, m.training) for m in teacher.modules()]
+    for m, _ in modes:
+        m.training = bn == "batch" and isinstance(m, nn.modules.batchnorm._BatchNorm)
+    try:
+        yield teacher
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
 def _box_twh(box: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
     """(y1, y2, x1, x2) -> (top, left, height, width), the form of `cluda.losses`."""
     y1, y2, x1, x2 = box
@@ -182,6 +211,8 @@ class UDAStep:
         cl_weight: multiplies each CL term.
         multires: HRDA only: "lr", "lr+hr" or "weighted" CLUDA-MR.
         hr_crop: HRDA only: the mixed image's detail crop, "random" or "entropy".
+        teacher_bn: BatchNorm statistics of the teacher's prediction, "batch" (DAFormer: the
+            target batch's own) or "running" (eval mode); see `teacher_mode`.
         seed: the experiment seed of the step generator.
         ignore_index: ignored label value.
     """
@@ -192,7 +223,8 @@ class UDAStep:
                  blur_p: float = 0.5, blur_sigma: Sequence[float] = (0.15, 1.15),
                  fd_lambda: float = 0.0, contrastive: Optional[ContrastiveLoss] = None,
                  cl_source: bool = True, cl_mixed: bool = True, cl_weight: float = 1.0,
-                 multires: str = "weighted", hr_crop: str = "random", seed: int = 0,
+                 multires: str = "weighted", hr_crop: str = "random", teacher_bn: str = "batch",
+                 seed: int = 0,
                  ignore_index: int = IGNORE_INDEX) -> None:
         if mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
@@ -200,6 +232,8 @@ class UDAStep:
             raise ValueError(f"multires must be one of {MULTIRES_MODES}, got {multires!r}")
         if hr_crop not in HR_CROP_MODES:
             raise ValueError(f"hr_crop must be one of {HR_CROP_MODES}, got {hr_crop!r}")
+        if teacher_bn not in TEACHER_BN_MODES:
+            raise ValueError(f"teacher_bn must be one of {TEACHER_BN_MODES}, got {teacher_bn!r}")
         if start_iter < 0 or fd_lambda < 0 or cl_weight < 0:
             raise ValueError(f"start_iter, fd_lambda and cl_weight must be >= 0, got {start_iter}, "
                              f"{fd_lambda}, {cl_weight}")
@@ -220,6 +254,7 @@ class UDAStep:
         self.cl_weight = float(cl_weight)
         self.multires = multires
         self.hr_crop = hr_crop
+        self.teacher_bn = teacher_bn
         self.seed = int(seed)
         self.ignore_index = int(ignore_index)
 
@@ -327,12 +362,14 @@ class UDAStep:
     @torch.no_grad()
     def pseudo_labels(self, teacher: nn.Module, target_img: torch.Tensor):
         """The EMA teacher's pseudo-labels of the target crops (HRDA: LR + sliding-window HR
-        inference), with Gamma and the zeroed top / bottom margins.
+        inference, in `teacher_mode(teacher, self.teacher_bn)`), with Gamma and the zeroed top /
+        bottom margins.
 
         Returns:
             (PseudoLabels(labels (B, H, W), weights (B, H, W), gamma), teacher logits (B, K, H, W)).
         """
-        logits = teacher.inference(target_img, mode="whole")  # (B, K, H, W)
+        with teacher_mode(teacher, self.teacher_bn):
+            logits = teacher.inference(target_img, mode="whole")  # (B, K, H, W)
         pl = pseudo_label(logits, threshold=self.pseudo_threshold, ignore_top=self.ignore_top,
                           ignore_bottom=self.ignore_bottom)
         return pl, logits

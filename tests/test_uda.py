@@ -154,6 +154,25 @@ def test_pseudo_labels_gamma_and_margins_as_used_by_the_step():
     assert torch.equal(pasted, pasted2) and torch.equal(again.image, mixed.image)
 
 
+def test_teacher_predicts_with_batch_bn_statistics_and_no_dropout():
+    torch.manual_seed(0)
+    teacher = make_teacher(tiny_model())  # eval mode
+    src, lab, tgt = batch(5)
+    step = make_step(teacher_bn="batch")
+    _, both = step.pseudo_labels(teacher, tgt)
+    _, again = step.pseudo_labels(teacher, tgt)
+    _, alone = step.pseudo_labels(teacher, tgt[:1])
+    assert torch.equal(both, again)  # dropout and drop path are off
+    assert not torch.allclose(both[:1], alone, atol=1e-4)  # BN uses this batch's statistics
+    assert not teacher.training and not any(m.training for m in teacher.modules())  # restored
+    running = make_step(teacher_bn="running")
+    _, both = running.pseudo_labels(teacher, tgt)
+    _, alone = running.pseudo_labels(teacher, tgt[:1])
+    assert torch.allclose(both[:1], alone, atol=1e-5)  # eval mode: per-image predictions
+    with pytest.raises(ValueError, match="teacher_bn must be one of"):
+        make_step(teacher_bn="sync")
+
+
 def test_no_mixing_trains_on_the_pseudo_labelled_target():
     step = make_step(mix="none", jitter_p=0.0, blur_p=0.0, pseudo_threshold=0.968)
     src, lab, tgt = batch(3)
