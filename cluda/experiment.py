@@ -16,7 +16,7 @@ augmentation).
 
 Builders (only this module and `train.py` read the config tree; everything else takes typed
 keyword arguments): `build_model`, `build_dataset`, `build_train_dataset`, `build_val_dataset`,
-`make_predict_fn`, plus the checkpoint files: `save_checkpoint` (atomic),
+`build_uda_step`, `make_predict_fn`, plus the checkpoint files: `save_checkpoint` (atomic),
 `load_checkpoint` (clear errors) and `load_model_from_checkpoint` (model rebuilt from the config
 stored in the file).
 """

@@ -159,10 +159,11 @@ def teacher_mode(teacher: nn.Module, bn: str = "batch"):
     """The mode the teacher predicts pseudo-labels in.
 
     "batch" is DAFormer's: dropout and drop path off, but BatchNorm layers in training mode, so
-    the target batch is normalised with its own statistics (their running statistics, which the
-    EMA overwrites anyway, are updated as a side effect). "running" is plain eval mode: the
-    running statistics EMA'd from the student's (mostly source and mixed) batches.
-    The teacher's previous mode is restored on exit.
+    the target batch is normalised with its own statistics. Their momentum is set to 0 meanwhile,
+    so the teacher's running statistics stay the EMA of the student's (DAFormer lets them move;
+    here they stay identical across DDP ranks and meaningful in a saved teacher). "running" is
+    plain eval mode: those running statistics. The teacher's modes and momenta are restored on
+    exit.
 
     Args:
         teacher: the EMA model.
@@ -171,13 +172,20 @@ def teacher_mode(teacher: nn.Module, bn: str = "batch"):
     if bn not in TEACHER_BN_MODES:
         raise ValueError(f"bn must be one of {TEACHER_BN_MODES}, got {bn!r}")
     modes = [(m, m.training) for m in teacher.modules()]
+    momenta = []
     for m, _ in modes:
-        m.training = bn == "batch" and isinstance(m, nn.modules.batchnorm._BatchNorm)
+        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+        m.training = bn == "batch" and is_bn
+        if m.training:
+            momenta.append((m, m.momentum))
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: left as they are
     try:
         yield teacher
     finally:
         for m, was in modes:
             m.training = was
+        for m, momentum in momenta:
+            m.momentum = momentum
 
 
 def _box_twh(box: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:

@@ -159,12 +159,15 @@ def test_teacher_predicts_with_batch_bn_statistics_and_no_dropout():
     teacher = make_teacher(tiny_model())  # eval mode
     src, lab, tgt = batch(5)
     step = make_step(teacher_bn="batch")
+    stats = {k: v.clone() for k, v in teacher.state_dict().items() if v.is_floating_point()}
     _, both = step.pseudo_labels(teacher, tgt)
     _, again = step.pseudo_labels(teacher, tgt)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in stats.items())  # stats kept
     _, alone = step.pseudo_labels(teacher, tgt[:1])
     assert torch.equal(both, again)  # dropout and drop path are off
     assert not torch.allclose(both[:1], alone, atol=1e-4)  # BN uses this batch's statistics
     assert not teacher.training and not any(m.training for m in teacher.modules())  # restored
+    assert all(m.momentum == 0.1 for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
     running = make_step(teacher_bn="running")
     _, both = running.pseudo_labels(teacher, tgt)
     _, alone = running.pseudo_labels(teacher, tgt[:1])
