@@ -18,8 +18,9 @@ iteration, reported as mean and sample standard deviation over seeds.
 
     python -m bench.ablation [--seeds 0 1 2] [--methods ...] [--work-dir work_dirs/ablation]
 
-Writes `bench/results/ablation.csv` (one row per run, rewritten after each run; runs already in it
-with the same revision are skipped, so an interrupted ablation continues) and
+Writes `bench/results/ablation.csv` (one row per run, rewritten after each run; a (method, seed)
+already in it is skipped unless --rerun, so an interrupted ablation continues; each row records
+the git revision and torch thread count it ran with) and
 `bench/results/ablation.md` (the table, with device, date and git revision).
 """
 import argparse
@@ -49,8 +50,8 @@ METHODS: Dict[str, List[str]] = {
     "DAFormer + CLUDA": [],
     "DAFormer + CLUDA, CL at 16x16": ["--cl.feat_size=[16,16]"],
 }
-COLUMNS = ["method", "seed", "mIoU", "mIoU_warmup_end", "iterations", "wall_s", "device", "date",
-           "revision"]
+COLUMNS = ["method", "seed", "mIoU", "mIoU_warmup_end", "iterations", "wall_s", "threads", "device",
+           "date", "revision"]
 
 
 def revision() -> str:
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=str(REPO / "work_dirs" / "ablation"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--note", default="", help="text appended to the Markdown file")
+    parser.add_argument("--rerun", action="store_true", help="run (method, seed) pairs already in the CSV again")
     parser.add_argument("overrides", nargs="*", help="--section.key=value for every run (e.g. a "
                         "shorter --train.max_iters for a smoke test)")
     args, unknown = parser.parse_known_args(argv)
@@ -153,12 +155,12 @@ def main(argv=None) -> int:
     rows = read_rows(csv_path)
     for seed in args.seeds:
         for method in args.methods:
-            if any(r["method"] == method and int(r["seed"]) == seed and r["revision"] == rev for r in rows):
+            if not args.rerun and any(r["method"] == method and int(r["seed"]) == seed for r in rows):
                 print(f"skip {method}, seed {seed}: already in {csv_path}")
                 continue
             row = run_one(method, seed, args.work_dir, extra)
             row.update(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                       revision=rev)
+                       revision=rev, threads=torch.get_num_threads())
             rows = [r for r in rows if not (r["method"] == method and int(r["seed"]) == seed)] + [row]
             write_rows(csv_path, rows)
             print(f"{method}, seed {seed}: target mIoU {100 * row['mIoU']:.2f} ({row['wall_s']} s)")
