@@ -313,6 +313,8 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if cfg.experiment.threads is not None:
+        torch.set_num_threads(cfg.experiment.threads)
     out = output_dir(cfg)
     main_proc = rank == 0
     if main_proc:

@@ -53,6 +53,7 @@ def test_overrides_and_rejection_list_known_keys():
     (["--uda.start_iter=50", "--train.max_iters=10"], "beyond train.max_iters"),
     (["--cl.temperature=0"], "cl.temperature must be > 0"),
     (["--model.num_classes=16"], "model.num_classes must be 19"),
+    (["--experiment.threads=0"], "experiment.threads must be >= 1"),
 ])
 def test_cross_field_checks(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -150,7 +150,12 @@ def test_resume_from_a_corrupt_checkpoint_fails_clearly_and_keeps_the_good_one(t
 
 
 def test_eval_only_reproduces_the_final_evaluation(tmp_path, capsys):
-    result = run(tmp_path, "--train.max_iters=2")
+    threads = torch.get_num_threads()
+    try:
+        result = run(tmp_path, "--train.max_iters=2", "--experiment.threads=1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     ckpt = tmp_path / "run" / "latest.pt"
     out = train.main(["--eval-only", str(ckpt)])
     assert out["metrics"][19]["mIoU"] == result["metrics"][19]["mIoU"]
