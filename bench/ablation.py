@@ -71,7 +71,7 @@ def slug(method: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in method.lower()).strip("_")
 
 
-def run_one(method: str, seed: int, work_dir: str, extra: List[str]) -> Dict[str, object]:
+def run_one(method: str, seed: int, work_dir: str, extra: List[str], start_iter: int) -> Dict[str, object]:
     name = f"{slug(method)}_seed{seed}"
     t0 = time.time()
     result = train.main([str(DEMO), f"--experiment.seed={seed}", f"--experiment.work_dir={work_dir}",
@@ -80,9 +80,8 @@ def run_one(method: str, seed: int, work_dir: str, extra: List[str]) -> Dict[str
     wall = time.time() - t0
     warm = ""
     with open(Path(work_dir) / name / "eval.csv", newline="") as f:
-        start = train.load_experiment(str(DEMO), extra).uda.start_iter
         for row in csv.DictReader(f):
-            if int(row["iteration"]) == start:
+            if int(row["iteration"]) == start_iter:
                 warm = float(row["mIoU19"])
     return {"method": method, "seed": seed, "mIoU": result["metrics"][19]["mIoU"],
             "mIoU_warmup_end": warm, "iterations": result["iteration"], "wall_s": round(wall, 1)}
@@ -152,21 +151,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "ablation.csv", out / "ablation.md"
     rev, device = revision(), device_name(torch.device("cpu"))
+    # Read once: the YAML may change on disk while the runs go on.
+    demo = train.load_experiment(str(DEMO), extra)
     rows = read_rows(csv_path)
     for seed in args.seeds:
         for method in args.methods:
             if not args.rerun and any(r["method"] == method and int(r["seed"]) == seed for r in rows):
                 print(f"skip {method}, seed {seed}: already in {csv_path}")
                 continue
-            row = run_one(method, seed, args.work_dir, extra)
+            row = run_one(method, seed, args.work_dir, extra, demo.uda.start_iter)
             row.update(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
                        revision=rev, threads=torch.get_num_threads())
             rows = [r for r in rows if not (r["method"] == method and int(r["seed"]) == seed)] + [row]
             write_rows(csv_path, rows)
             print(f"{method}, seed {seed}: target mIoU {100 * row['mIoU']:.2f} ({row['wall_s']} s)")
     rows = read_rows(csv_path)
-    write_markdown(md_path, rows, args.note,
-                   val_images=train.load_experiment(str(DEMO), extra).data.val.num_samples)
+    write_markdown(md_path, rows, args.note, val_images=demo.data.val.num_samples)
     print(table(rows))
     return 0
 
