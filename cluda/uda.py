@@ -10,9 +10,9 @@ CLUDA (Vayyat et al., Eq. 6) trains on
 - l_ce^t: cross-entropy on the ClassMix image (DACS, Tranheden et al. 2021; DAFormer, Hoyer et
   al. 2022): half of the source classes pasted onto the target crop, labels = source labels where
   pasted and the EMA teacher's pseudo-labels elsewhere (predicted as DAFormer does, with dropout
-  off and BatchNorm on the target batch's statistics), pixel weights 1 / Gamma (the fraction of
-  target pixels whose teacher confidence exceeds 0.968, 0 in the ignored top / bottom rows), the
-  mixed image colour-jittered and blurred;
+  off and BatchNorm on the target batch's statistics); pixel weights: 1 on pasted pixels, Gamma
+  (the fraction of target pixels whose teacher confidence exceeds 0.968) on target pixels, 0 in
+  the ignored top / bottom rows; the mixed image colour-jittered and blurred;
 - L_CL^m (Eq. 4-5): pixel InfoNCE on the mixed image's fused features with the same labels and
   weights.
 
