@@ -13,7 +13,8 @@ augmentation draws); the scenes themselves are the same for every run. Methods:
   original code's 65 x 65. That resize takes 128 x 128 features (512 crops) to 65 x 65, a factor
   of about 0.5; 65 x 65 is larger than the demo's 32 x 32, so the same factor is applied: 16 x 16;
 - DAFormer + CLUDA, CL after the warm-up: a diagnostic. The warm-up is DAFormer's (source CE
-  only, bitwise the same run), and both CL terms join with the self-training. The paper's
+  only; the same run, bitwise at the same torch thread count), and both CL terms join with the
+  self-training. The paper's
   networks start from ImageNet weights, where the source CL never acts on a random network.
 
 The score is the target (synthetic "camera" look) validation mIoU over 19 classes at the last
