@@ -21,8 +21,6 @@ resumed from `latest.pt` computes the same weights as one that was never stopped
 import argparse
 import contextlib
 import csv
-import dataclasses
-import math
 import os
 import random
 import resource
@@ -41,6 +39,7 @@ from cluda.experiment import (Config, build_model, build_train_dataset, build_ud
                               build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
                               load_experiment, load_model_from_checkpoint, load_state_checked,
                               make_predict_fn, output_dir, resolve_device, save_checkpoint)
+from cluda.fileio import atomic_open
 from cluda.models import build_imnet_encoder
 from cluda.teacher import ema_alpha, ema_update, make_teacher
 from cluda.uda import TrainForward, UDAStep, step_seed
@@ -177,10 +176,9 @@ def plot_curves(train_log: CSVLog, eval_log: CSVLog, path: str, *, main_metric: 
     ax2.set_xlabel("iteration")
     ax2.set_ylabel(f"target {main_metric} (%)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def open_tensorboard(out_dir: str, enabled: bool):

@@ -31,7 +31,6 @@ import argparse
 import csv
 import datetime
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402  (the repository root must be importable first)
 from bench.utils import device_name  # noqa: E402
+from cluda.fileio import atomic_open, atomic_write  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
 NO_CL = ["--cl.source=false", "--cl.mixed=false"]
@@ -108,12 +108,10 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
 
 
 def write_rows(path: Path, rows: List[Dict[str, object]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
+    with atomic_open(path, "w") as f:
+        w = csv.DictWriter(f, COLUMNS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def table(rows: List[Dict[str, str]]) -> str:
@@ -143,9 +141,7 @@ def write_markdown(path: Path, rows: List[Dict[str, str]], note: str, *, val_ima
             + "\nDevice / revision: " + "; ".join(f"{d}, {r}" for d, r in stamps)
             + (f". Runs from {dates[0]} to {dates[-1]}." if dates else ".") + "\n"
             + (f"\n{note}\n" if note else ""))
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def main(argv=None) -> int:

@@ -10,11 +10,12 @@ knows how to fill any tree of dataclasses.
 import ast
 import dataclasses
 import os
-import tempfile
 import typing
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
+
+from cluda.fileio import atomic_open
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "parse_overrides",
            "apply_overrides", "save_yaml"]
@@ -196,15 +197,6 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = ()):
 
 
 def save_yaml(data: Dict[str, Any], path: str) -> None:
-    """Write `data` as YAML atomically (temp file in the same folder, then ``os.replace``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(data, f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write `data` as YAML atomically (`cluda.fileio.atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import re
-import secrets
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,6 +64,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
+from cluda.fileio import atomic_write, atomic_write_files
 from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
                               config_to_dict, load_checkpoint, load_experiment,
                               load_state_checked, make_predict_fn, resolve_device)
@@ -349,60 +349,6 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: 
     paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
     atomic_write_files({paths[k]: texts[k] for k in paths})
     return paths
-
-
-# --------------------------------------------------------------------------------------------
-# Atomic file writes
-# --------------------------------------------------------------------------------------------
-
-def atomic_write_files(files: Mapping[str | os.PathLike, bytes | str]) -> list[Path]:
-    """Write several files so that none is ever seen half-written.
-
-    Every payload first goes to a hidden temporary file next to its destination (flushed and
-    fsynced); only when all of them are on disk is each renamed over its destination with
-    `os.replace` (atomic on POSIX within one file system). If anything fails before that, the
-    temporary files are removed and no destination is touched.
-
-    Args:
-        files: {destination path: bytes, or str (written as UTF-8)}; parent directories are
-            created.
-
-    Returns:
-        The destination paths, in the order given.
-    """
-    payloads = []
-    for path, data in files.items():
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"payload for {path} must be bytes or str, got {type(data).__name__}")
-        payloads.append((Path(path), data))
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, data in payloads:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-            # 0o666 under the umask, like open(): a plain temp file would be private (0o600).
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        while temps:
-            tmp, path = temps[0]
-            os.replace(tmp, path)
-            temps.pop(0)
-    finally:
-        for tmp, _ in temps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    return [path for path, _ in payloads]
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write one file atomically (see `atomic_write_files`)."""
-    return atomic_write_files({path: data})[0]
 
 
 # --------------------------------------------------------------------------------------------

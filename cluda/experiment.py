@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from cluda.config import ConfigError, apply_overrides, from_dict, load_config, parse_overrides, to_dict
 from cluda.data.labels import NUM_CLASSES, PROTOCOLS, THING_CLASSES
+from cluda.fileio import atomic_open
 
 __all__ = [
     "Config", "ExperimentSection", "DatasetSection", "DataSection", "HRDASection", "ModelSection",
@@ -546,40 +546,16 @@ def build_uda_step(cfg: Config):
 def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> None:
     """Write `state` (plus the format tag) to `path` atomically.
 
-    The bytes go to a temporary file in the same folder, which is flushed and fsynced and then
-    renamed over `path` (`os.replace`), and the folder is fsynced. If anything fails on the way
-    the temporary file is removed and the previous file at `path`, if any, is left intact.
+    Written through `cluda.fileio.atomic_open`: if anything fails on the way, the previous file
+    at `path`, if any, is left intact.
 
     Args:
         path: destination, e.g. `<out>/latest.pt`.
         state: tensors and plain Python containers / numbers / strings (the file is read back with
             `torch.load(weights_only=True)`); should hold "config" (a plain dict) and "iteration".
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is a normal output
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format=CHECKPOINT_FORMAT), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
+    with atomic_open(path, "wb") as f:
+        torch.save(dict(state, format=CHECKPOINT_FORMAT), f)
 
 
 def load_checkpoint(path: Union[str, os.PathLike], *, map_location="cpu") -> Dict[str, Any]:

@@ -20,7 +20,7 @@ and pass names that start with `<city>_<seq>_<frame>` (the image's file stem, e.
 id 0, "unlabeled".
 
 Every file is written atomically (temporary file + `os.replace`, see
-`cluda.evaluate.atomic_write_files`), and all images of one call are encoded before any is
+`cluda.fileio.atomic_write_files`), and all images of one call are encoded before any is
 written, so bad input leaves nothing half-written.
 
 Command lines (`main`, see `--help`):

@@ -32,7 +32,7 @@ def _row_blocks(layout: SortedPixels, block_rows: int) -> Iterator[Tuple[int, in
     """Yield (r0, r1, g0, g1, p0, p1): a block of rows inside one group, the group's columns
     [g0, g1) and the class columns [p0, p1) of the block's rows (the only ones with positives)."""
     n = layout.num_rows
-    gs, ge = layout.group_start.tolist(), layout.group_end.tolist()
+    ge = layout.group_end.tolist()
     cs, ce = layout.class_start.tolist(), layout.class_end.tolist()
     g0 = 0
     while g0 < n:

@@ -2,8 +2,6 @@
 --eval-only, the EMA update and the schedule. MiT-B0 with a 16-channel decoder on 32 x 64 crops."""
 import csv
 import math
-import os
-import shutil
 
 import pytest
 import torch

@@ -9,18 +9,19 @@ later in a worker) and returns numpy arrays:
   first channel is returned. Pillow decodes 16-bit RGB / RGBA PNGs to 8 bits by keeping the high
   byte of each sample, which would turn every SYNTHIA class id (< 256) into 0; `read_label` decodes
   such files twice, once keeping the high and once the low byte, and recombines them.
-- `write_png_atomic`: 8-bit PNG through a temporary file and `os.replace`, so that an interrupted
+- `write_png_atomic`: 8-bit PNG through `cluda.fileio.atomic_open`, so that an interrupted
   writer never leaves a half-written file under the final name.
 - `write_png16`: a plain 16-bit PNG encoder (grey, grey + alpha, RGB, RGBA), which Pillow lacks for
   more than one channel; it is how tests (and users) make SYNTHIA-like label files.
 """
 import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
 from PIL import Image
+
+from cluda.fileio import atomic_open
 
 # Pillow rawmodes that read the *low* byte of each big-endian 16-bit sample: the "...;16L"
 # unpackers take the second byte of each pair, which for PNG's big-endian data is the low byte.
@@ -117,17 +118,8 @@ def write_png_atomic(path, array):
     if array.dtype != np.uint8 or array.ndim not in (2, 3):
         raise TypeError(f"write_png_atomic takes (H, W) or (H, W, 3) uint8, got {array.dtype} "
                         f"{array.shape} for {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def write_png16(path, array, *, filters=(0,)):

@@ -21,10 +21,11 @@ sums) are a JSON file written by `python -m cluda.data.prepare`, or computed in 
 """
 import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
+
+from cluda.fileio import atomic_open
 
 from .labels import CLASS_NAMES, NUM_CLASSES
 
@@ -62,18 +63,9 @@ def summarize_stats(per_image, *, dataset, split=None):
 
 
 def save_class_stats(stats, path):
-    """Write the statistics as JSON atomically (temporary file, then `os.replace`)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(stats, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write the statistics as JSON atomically (`cluda.fileio.atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        json.dump(stats, f)
 
 
 def load_class_stats(path):
