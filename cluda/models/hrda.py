@@ -26,9 +26,9 @@ weight 1 - `hr_loss_weight` = 0.9, CE on `hr_logits` against `crop(label, box)` 
 Contrastive features on a common grid: the LR fused features cover the whole crop on the LR grid
 (stride 8); the HR fused features cover only the box on the HR-crop grid (stride 4). CLUDA puts
 both sets of pixels into one InfoNCE call (HR pixels `exclusive`): LR pixel (i, j) is inside the
-box iff it lies in `out.lr_box` (= box / 8, see `HRDAOutput.lr_inside_mask`), where its weight is
-`delta`; HR pixels get `1 - out.delta_on_hr_crop()` (delta upsampled x2 to the HR-frame grid and
-cut to box / 4, so it is aligned pixel for pixel with `hr_fused`).
+box iff it lies in `out.lr_box` (= box / 8), where its weight is `delta`; HR pixels get 1 - delta
+resampled from the box onto the HR grid. `cluda.losses.multires_contrastive_loss` builds that
+layout from `lr_fused`, `hr_fused`, `lr_box` and `delta`.
 
 Inference (pseudo-labels, testing): LR whole image + HR sliding windows (`hr_slide_size` 512,
 stride 256 at full resolution), fused with the unmasked attention on the stride-4 grid; any image
@@ -141,19 +141,6 @@ class HRDAOutput:
     def hr_grid_box(self) -> Box:
         """The detail box on the HR-frame grid (`logits`, `attention`): box / 4."""
         return self.box_on_grid(self.output_stride)
-
-    def lr_inside_mask(self) -> torch.Tensor:
-        """(H/8, W/8) bool, True for LR-grid pixels inside the detail box."""
-        mask = torch.zeros(self.lr_fused.shape[-2:], dtype=torch.bool, device=self.lr_fused.device)
-        y1, y2, x1, x2 = self.lr_box
-        mask[y1:y2, x1:x2] = True
-        return mask
-
-    def delta_on_hr_crop(self) -> torch.Tensor:
-        """delta resampled onto the HR-crop grid, aligned with `hr_fused`: (B, 1, hc/4, wc/4)."""
-        if self.delta is None:
-            raise ValueError("this HRDA model has no feature-weight head (feature_weight_head=False)")
-        return crop(resize(self.delta, self.logits.shape[-2:]), self.hr_grid_box)
 
 
 class HRDA(nn.Module):
