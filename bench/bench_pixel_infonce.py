@@ -466,7 +466,7 @@ def run_cell(cell: Cell, settings: Settings, history: History,
             traceback.print_exc()
         return finish(_failure_status(exc, "run"))
     finally:
-        del inp, forward
+        inp = forward = None  # drop the cell's tensors before the next cell
         _free(device)
     return finish("ok")
 

@@ -8,8 +8,7 @@ import torch
 
 import train
 from cluda.config import ConfigError
-from cluda.experiment import (build_model, build_uda_step, load_checkpoint, load_experiment,
-                              save_checkpoint)
+from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
 from cluda.teacher import make_teacher
 from cluda.uda import StepResult, TrainForward
 
