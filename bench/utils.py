@@ -261,7 +261,8 @@ def matmul_tflops(device: torch.device, kind: str, size: Optional[int] = None) -
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
         try:
-            ms = do_bench(lambda: torch.mm(a, b), quantiles=[0.5])[0]
+            ms = do_bench(lambda: torch.mm(a, b), quantiles=[0.5])
+            ms = ms[0] if isinstance(ms, (list, tuple)) else ms  # one quantile: a float
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         return flops / (ms * 1e-3) / 1e12

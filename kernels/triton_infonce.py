@@ -466,9 +466,10 @@ VARIANTS = {
 }
 
 
-# The preset used when no config is given (`pixel_infonce(impl="triton")`). v1 until a GPU run of
-# bench/gpu_check.sh picks another one (bench/NOTES.md, v2).
-DEFAULT_VARIANT = "v1"
+# The preset used when no config is given (`pixel_infonce(impl="triton")`): the fastest of the
+# presets measured by bench/gpu_check.sh (H200, 2026-11-27, N = 131,072 and 16,384, C = 512,
+# bfloat16: 3.7x and 2.6x v1's forward + backward; bench/NOTES.md, v2).
+DEFAULT_VARIANT = "resident"
 
 
 def product_constexprs(cfg: TritonConfig, *, native_bf16: bool) -> dict:
