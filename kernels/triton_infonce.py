@@ -435,6 +435,13 @@ def _bf16_product(dtype: torch.dtype) -> Optional[str]:
     return "bf16" if dtype == torch.bfloat16 else None
 
 
+def _resident_rows(dtype: torch.dtype) -> bool:
+    """Resident row blocks for 16-bit inputs only. float32 inputs stream their channels: with the
+    "ieee" similarity GEMM on the FMA units a resident 64 x 256 float32 block made the forward
+    6.2x slower on an H200 (53.7 ms against 8.6 ms at N = 8,450, C = 256; bench/NOTES.md, v2)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
 def _full_block_d(dtype: torch.dtype) -> Optional[int]:
     """MAX_BLOCK_D gradient channels per backward program for 16-bit inputs. float32 inputs keep
     the default: their "ieee" GEMMs run on the FMA units and, with 512 float32 accumulator channels
@@ -443,8 +450,9 @@ def _full_block_d(dtype: torch.dtype) -> Optional[int]:
 
 
 # Launch presets compared on a GPU by `bench/gpu_check.sh`; bench/NOTES.md (v2) gives each one's
-# prediction. Each maps the input dtype to a config; `TritonConfig()` ("v1") is the default. Every
-# variant but v1 takes bfloat16 operands for the H @ V GEMM of bfloat16 inputs.
+# prediction and measurement. Each maps the input dtype to a config; `TritonConfig()` is "v1" and
+# DEFAULT_VARIANT below names the default. Every variant but v1 takes bfloat16 operands for the
+# H @ V GEMM of bfloat16 inputs.
 VARIANTS = {
     # v1's launch parameters: 64 x 32 tiles, channel chunks of 64, 128 gradient channels per
     # backward program (at C = 512 four programs per row block each recompute the similarity).
@@ -455,8 +463,10 @@ VARIANTS = {
     # computed once per tile in backward instead of C / 128 times.
     "fulld": lambda dtype: TritonConfig(block_d=_full_block_d(dtype),
                                         product_precision=_bf16_product(dtype)),
-    # "fulld" plus a forward whose row block stays on chip across the column loop.
-    "resident": lambda dtype: TritonConfig(block_d=_full_block_d(dtype), resident_rows=True,
+    # "fulld" plus a forward whose row block stays on chip across the column loop (16-bit inputs;
+    # for float32 inputs the preset is v1's launch).
+    "resident": lambda dtype: TritonConfig(block_d=_full_block_d(dtype),
+                                           resident_rows=_resident_rows(dtype),
                                            product_precision=_bf16_product(dtype)),
     # Square 64 x 64 tiles: 1.5x the FLOPs per byte of the similarity GEMM, 128 gradient channels
     # per backward program as v1. (128 x 64 tiles spill inside the backward loop on sm_90 once
@@ -468,7 +478,8 @@ VARIANTS = {
 
 # The preset used when no config is given (`pixel_infonce(impl="triton")`): the fastest of the
 # presets measured by bench/gpu_check.sh (H200, 2026-11-27, N = 131,072 and 16,384, C = 512,
-# bfloat16: 3.7x and 2.6x v1's forward + backward; bench/NOTES.md, v2).
+# bfloat16: 3.7x and 2.6x v1's forward + backward; bench/NOTES.md, v2). For float32 inputs it is
+# v1's launch.
 DEFAULT_VARIANT = "resident"
 
 

@@ -18,15 +18,17 @@ from kernels.tiled import tiled_pixel_infonce
 
 HAS_TRITON_CPU = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON_CPU, reason="needs CUDA or TRITON_INTERPRET=1")
-# The launch variants (kernels.triton_infonce.VARIANTS) other than the default ("triton" is v1),
-# as impl strings "triton:<name>" understood by `evaluate`. Listed here so that collecting the
-# tests needs no triton import.
+# The launch presets (kernels.triton_infonce.VARIANTS) other than v1, as impl strings
+# "triton:<name>" understood by `evaluate` ("triton" alone is the default, "resident"). Listed here
+# so that collecting the tests needs no triton import.
 VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide")
-# The variants whose launch differs from v1's for float32 inputs: "bf16prod" and "fulld" are v1
-# there (their bfloat16 product applies to bfloat16 inputs, which the interpreter cannot run:
-# test_triton_bf16_product_rounds_like_bfloat16 forces it on float32; their 512-channel backward
-# applies to 16-bit inputs, run in test_triton_float16_interpreter).
-FLOAT32_VARIANTS = ("triton:wide", "triton:resident")
+# Launches that differ from v1's for float32 inputs. Every preset but "wide" is v1 there (the
+# bfloat16 product applies to bfloat16 inputs, which the interpreter cannot run:
+# test_triton_bf16_product_rounds_like_bfloat16 forces it on float32; the 512-channel backward and
+# the resident rows apply to 16-bit inputs, run in test_triton_float16_interpreter), so
+# "triton:resident_rows" (v1 with resident_rows=True, see `evaluate`) runs the resident forward
+# on float32 inputs.
+FLOAT32_VARIANTS = ("triton:wide", "triton:resident_rows")
 FLOAT16_VARIANTS = ("triton:fulld", "triton:resident", "triton:wide")
 
 
@@ -59,7 +61,8 @@ def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weigh
 
 def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
     """Loss, feats gradient and pos_weight gradient (None without weights) of one implementation
-    ("reference", "torch", "triton", or "triton:<variant>" for a preset of VARIANTS)."""
+    ("reference", "torch", "triton", "triton:<variant>" for a preset of VARIANTS, or
+    "triton:resident_rows" for v1's launch with resident row blocks in any dtype)."""
     f = feats.to(dtype).clone().requires_grad_()
     kw = dict(kwargs)
     u = None
@@ -68,9 +71,11 @@ def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
         u = u.clone().requires_grad_()
         kw["pos_weight"] = u
     if impl.startswith("triton:"):
-        from kernels.triton_infonce import variant_config
+        from kernels.triton_infonce import TritonConfig, variant_config
 
-        config = variant_config(impl.split(":", 1)[1], dtype)
+        name = impl.split(":", 1)[1]
+        config = (TritonConfig(resident_rows=True) if name == "resident_rows"
+                  else variant_config(name, dtype))
         loss = pixel_infonce_with_config(f, labels, temperature=temperature, config=config, **kw)
     else:
         loss = pixel_infonce(f, labels, temperature=temperature, impl=impl, **kw)
@@ -310,7 +315,7 @@ def test_triton_bf16_product_rounds_like_bfloat16():
 
 
 @needs_triton
-@pytest.mark.parametrize("impl", ["triton", "triton:resident"])
+@pytest.mark.parametrize("impl", ["triton", "triton:resident_rows"])
 def test_triton_normalisation_clamp_and_scale(impl):
     """The fused normalisation against torch's `f / max(||f||, 1e-12)`: rows of very different
     norms (1e-3 to 1e3), an all-zero row, and rows below the clamp (norm ~1e-14: only scaled by
@@ -351,7 +356,8 @@ def test_triton_config_resolution_and_errors():
     full = variant_config("fulld", torch.bfloat16).resolved(512, torch.bfloat16)
     assert full.block_d == 512 and full.product_precision == "bf16"
     assert variant_config("fulld", torch.float32).resolved(512, torch.float32).block_d == 128
-    assert variant_config("resident", torch.float32).product_precision is None
+    assert variant_config("resident", torch.float32) == TritonConfig()  # float32: v1's launch
+    assert variant_config("resident", torch.float16).resolved(256, torch.float16).resident_rows
     assert TritonConfig(num_stages=2).launch_options() == {"num_warps": 8, "num_stages": 2}
     for bad, error in ((dict(block_m=48), ValueError), (dict(block_d=8), ValueError),
                        (dict(block_d=1024), ValueError), (dict(num_warps=3), ValueError),
