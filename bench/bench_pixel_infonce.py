@@ -63,6 +63,7 @@ import torch
 
 from bench.utils import (REPO_ROOT, Timing, append_rows, device_name, git_revision,
                          library_versions, matmul_tflops, measure_call, read_rows, time_calls)
+from bench.utils import merge_rows as utils_merge_rows
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
 
 # ---------------------------------------------------------------------------------------------
@@ -754,21 +755,10 @@ def variants_summary(run: Sequence[Dict[str, str]]) -> str:
 
 
 def merge_rows(source: Path, target: Path) -> int:
-    """Append the rows of `source` (a results CSV) that `target` does not hold yet; return how many.
-
-    Raises:
-        FileNotFoundError: `source` does not exist.
-        ValueError: either file has other columns than COLUMNS.
-    """
-    incoming = read_rows(source)
-    if incoming and list(incoming[0]) != list(COLUMNS):
-        raise ValueError(f"{source} has columns {list(incoming[0])}, expected {list(COLUMNS)}")
-    key = ("date", "device", "git_rev", "provider", "n", "c", "dtype", "pass")
-    have = {tuple(r[k] for k in key) for r in read_rows(target)} if target.exists() else set()
-    new = [r for r in incoming if tuple(r[k] for k in key) not in have]
-    append_rows(target, new, COLUMNS)
-    print(f"merged {len(new)} of {len(incoming)} rows from {source} into {target}", flush=True)
-    return len(new)
+    """Append the rows of `source` (a results CSV) that `target` does not hold yet; return how many
+    (`bench.utils.merge_rows` keyed on the run and the cell)."""
+    return utils_merge_rows(source, target, COLUMNS,
+                            ("date", "device", "git_rev", "provider", "n", "c", "dtype", "pass"))
 
 
 def write_reports(out: Path) -> List[Dict[str, str]]:

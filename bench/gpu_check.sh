@@ -1,36 +1,40 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issue 3), from the repository root of a copy of the tree:
+# The one script a GPU session runs (issues 3 and 6), from the repository root of a copy of the tree:
 #
 #     CLUDA_GIT_REV=<short hash of the tree> bash bench/gpu_check.sh          # on the GPU machine
 #     bash bench/gpu_check.sh --dry-run                                       # plumbing, on a CPU
 #
-# 1. environment (nvidia-smi, python, torch, triton)           -> $OUT/env.txt
-# 2. the GPU-marked tests, `python -m pytest -m gpu -q`          -> $OUT/pytest_gpu.log
-# 3. the launch variants of the Triton kernels (kernels.triton_infonce.VARIANTS) at N = 131,072
-#    and 16,384, C = 512, bfloat16, forward / backward / both      -> rows in pixel_infonce.csv,
-#                                                                   $OUT/variants.log
-# 4. the GPU benchmark sweep under a time budget                 -> $OUT/pixel_infonce.{csv,md,png},
-#                                                                   $OUT/bench.log
-# 5. the short table (issue 3's targets, the C=512 bf16 slice), then the variant comparison with
-#    the fastest variant per N, printed last.
+# 1. environment (nvidia-smi, python, torch, triton)
+# 2. the GPU-marked tests, `python -m pytest -m gpu -q`
+# 3. optionally, the launch variants of the Triton kernels (kernels.triton_infonce.VARIANTS) at
+#    N = 131,072 and 16,384, C = 512, bfloat16        -> rows in $OUT/pixel_infonce.csv
+# 4. the GPU benchmark sweep under a time budget      -> $OUT/pixel_infonce.{csv,md,png}
+# 5. training steps of the paper configs on synthetic data (bench/train_steps.py)
+#                                                     -> $OUT/train_steps.{csv,md}
+# 6. the short tables, printed last: issue 3's targets and the C=512 bf16 slice, the variant
+#    comparison (when run) with the fastest variant per N, the training step times.
+# Every step's log goes to $OUT/gpu_check.log (one file: the device tool returns at most 8).
 #
-# About 8 minutes on an H100 at most: tests <= 110 s; the variants start no cell after 75 s and
-# are stopped at 105 s; the sweep starts no cell after 170 s and is stopped (SIGTERM, reports
-# still written) at 230 s. Nothing is installed: the device machine has no network; its python3
+# About 6 minutes on an H100 / H200 at most: tests <= 100 s; the sweep starts no cell after 150 s
+# and is stopped (SIGTERM, reports still written) at 210 s; the training cases start none after
+# 120 s and are stopped at 200 s; the variants, when asked for, start no cell after 75 s and are
+# stopped at 105 s. Nothing is installed: the device machine has no network; its python3
 # (torch 2.11, triton 3.6) imports the repository through PYTHONPATH.
-# --dry-run runs the same steps on a CPU with the quick sweep, and without step 3 unless
-# GPU_CHECK_VARIANTS is set. Knobs (environment):
+# --dry-run runs the same steps on a CPU with the quick sweep and the quick training cases.
+# Knobs (environment):
 #   OUT                      output folder (default: a new temporary folder)
 #   PYTHON                   interpreter (default: python3)
 #   CLUDA_GIT_REV            revision stamp when the copy has no .git
 #   GPU_CHECK_TESTS          what pytest collects (default: tests)
-#   GPU_CHECK_TEST_TIMEOUT   seconds for the tests (default: 110)
-#   GPU_CHECK_VARIANTS       variants to compare, comma-separated, "all" or "none" (default: all;
-#                            --dry-run: none)
+#   GPU_CHECK_TEST_TIMEOUT   seconds for the tests (default: 100)
+#   GPU_CHECK_VARIANTS       variants to compare, comma-separated, "all" or "none" (default: none;
+#                            the H200 run of 2026-11-27 picked the default, see bench/NOTES.md)
 #   GPU_CHECK_VARIANTS_ARGS  their cells (default: --n 131072,16384 --c 512 --dtype bfloat16)
 #   GPU_CHECK_VARIANTS_BUDGET_S  variant budget in seconds (default: 75)
-#   GPU_CHECK_BUDGET_S       sweep budget in seconds (default: 170)
+#   GPU_CHECK_BUDGET_S       sweep budget in seconds (default: 150)
 #   GPU_CHECK_BENCH_ARGS     extra arguments for bench.bench_pixel_infonce
+#   GPU_CHECK_TRAIN_BUDGET_S training budget in seconds (default: 120; 0 skips step 5)
+#   GPU_CHECK_TRAIN_ARGS     extra arguments for bench.train_steps (e.g. --cases daformer,hrda)
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -46,21 +50,35 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 TESTS="${GPU_CHECK_TESTS:-tests}"
-TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-110}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-170}"
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-100}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-150}"
 HARD_LIMIT_S=$((BUDGET_S + 60))
 read -r -a EXTRA_ARGS <<< "${GPU_CHECK_BENCH_ARGS:-}"
-if [ "$DRY_RUN" = 1 ]; then VARIANTS="${GPU_CHECK_VARIANTS:-none}"; else VARIANTS="${GPU_CHECK_VARIANTS:-all}"; fi
+VARIANTS="${GPU_CHECK_VARIANTS:-none}"
 read -r -a VARIANT_ARGS <<< "${GPU_CHECK_VARIANTS_ARGS:---n 131072,16384 --c 512 --dtype bfloat16}"
 VARIANTS_BUDGET_S="${GPU_CHECK_VARIANTS_BUDGET_S:-75}"
 VARIANTS_HARD_LIMIT_S=$((VARIANTS_BUDGET_S + 30))
+TRAIN_BUDGET_S="${GPU_CHECK_TRAIN_BUDGET_S:-120}"
+TRAIN_HARD_LIMIT_S=$((TRAIN_BUDGET_S + 80))
+read -r -a TRAIN_ARGS <<< "${GPU_CHECK_TRAIN_ARGS:-}"
+
+# Step logs live in LOGS and are gathered into $OUT/gpu_check.log when the script ends, however
+# it ends.
+LOGS="$(mktemp -d)"
+gather_logs() {
+  for f in env pytest_gpu variants bench train_steps; do
+    if [ -f "$LOGS/$f.log" ]; then echo "==================== $f.log"; cat "$LOGS/$f.log"; fi
+  done > "$OUT/gpu_check.log"
+  rm -rf "$LOGS"
+}
+trap gather_logs EXIT
 
 # ---- 1. environment ------------------------------------------------------------------------
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "dry run: $DRY_RUN"
   if [ "$DRY_RUN" = 0 ]; then nvidia-smi || echo "nvidia-smi failed"; fi
-  "$PY" - <<'EOF'
+  "$PY" - <<'PYEOF'
 import sys
 import torch
 print("python", sys.version.split()[0], sys.executable)
@@ -75,9 +93,9 @@ except ImportError as exc:
     print("triton: not importable:", exc)
 from bench.utils import git_revision
 print("revision", git_revision())
-EOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+PYEOF
+} > "$LOGS/env.log" 2>&1
+cat "$LOGS/env.log"
 if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device visible: run with --dry-run on a CPU" >&2
   exit 3
@@ -86,7 +104,7 @@ fi
 # ---- 2. GPU-marked tests -------------------------------------------------------------------
 echo "== pytest -m gpu ($TESTS, at most ${TEST_TIMEOUT}s)"
 timeout --signal=TERM --kill-after=15 "$TEST_TIMEOUT" \
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider "$TESTS" > "$OUT/pytest_gpu.log" 2>&1
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider "$TESTS" > "$LOGS/pytest_gpu.log" 2>&1
 TEST_RC=$?
 case $TEST_RC in
   0) TEST_RESULT="passed" ;;
@@ -94,50 +112,71 @@ case $TEST_RC in
   124|137) TEST_RESULT="stopped after ${TEST_TIMEOUT}s" ;;
   *) TEST_RESULT="FAILED (exit $TEST_RC)" ;;
 esac
-tail -n 15 "$OUT/pytest_gpu.log"
+tail -n 15 "$LOGS/pytest_gpu.log"
 
-# ---- 3. launch variants ----------------------------------------------------------------------
+# ---- 3. launch variants (optional) ---------------------------------------------------------
 # Before the sweep, so that the sweep stays the newest run of the CSV (the plot and the summary).
 VARIANTS_RC=0
 if [ "$VARIANTS" != none ]; then
   echo "== bench.bench_pixel_infonce --variants $VARIANTS ${VARIANT_ARGS[*]} (stopped at ${VARIANTS_HARD_LIMIT_S}s)"
   timeout --signal=TERM --kill-after=20 "$VARIANTS_HARD_LIMIT_S" \
     "$PY" -m bench.bench_pixel_infonce --variants "$VARIANTS" "${VARIANT_ARGS[@]}" \
-    --budget-s "$VARIANTS_BUDGET_S" --out "$OUT" > "$OUT/variants.log" 2>&1
+    --budget-s "$VARIANTS_BUDGET_S" --out "$OUT" > "$LOGS/variants.log" 2>&1
   VARIANTS_RC=$?
-  tail -n 3 "$OUT/variants.log"
+  tail -n 3 "$LOGS/variants.log"
 fi
 
 # ---- 4. benchmark sweep ----------------------------------------------------------------------
-if [ "$DRY_RUN" = 1 ]; then
-  SWEEP=(--quick)
-else
-  SWEEP=(--budget-s "$BUDGET_S")
-fi
+if [ "$DRY_RUN" = 1 ]; then SWEEP=(--quick); else SWEEP=(--budget-s "$BUDGET_S"); fi
 echo "== bench.bench_pixel_infonce ${SWEEP[*]} ${EXTRA_ARGS[*]:-} (stopped at ${HARD_LIMIT_S}s)"
 timeout --signal=TERM --kill-after=30 "$HARD_LIMIT_S" \
   "$PY" -m bench.bench_pixel_infonce "${SWEEP[@]}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} --out "$OUT" \
-  > "$OUT/bench.log" 2>&1
+  > "$LOGS/bench.log" 2>&1
 BENCH_RC=$?
-tail -n 5 "$OUT/bench.log"
+tail -n 5 "$LOGS/bench.log"
 
-# ---- 5. the short tables, last ---------------------------------------------------------------
+# ---- 5. training steps -----------------------------------------------------------------------
+TRAIN_RC=0
+if [ "$TRAIN_BUDGET_S" != 0 ]; then
+  if [ "$DRY_RUN" = 1 ]; then TRAIN=(--quick); else TRAIN=(--budget-s "$TRAIN_BUDGET_S"); fi
+  echo "== bench.train_steps ${TRAIN[*]} ${TRAIN_ARGS[*]:-} (stopped at ${TRAIN_HARD_LIMIT_S}s)"
+  timeout --signal=TERM --kill-after=20 "$TRAIN_HARD_LIMIT_S" \
+    "$PY" -m bench.train_steps "${TRAIN[@]}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUT" \
+    > "$LOGS/train_steps.log" 2>&1
+  TRAIN_RC=$?
+  tail -n 3 "$LOGS/train_steps.log"
+fi
+
+# ---- 6. the short tables, last ---------------------------------------------------------------
 echo
-echo "== summary (files in $OUT: $(cd "$OUT" && ls | tr '\n' ' '))"
-echo "GPU tests: $TEST_RESULT; sweep exit code: $BENCH_RC$([ "$VARIANTS" != none ] && echo "; variants exit code: $VARIANTS_RC")"
+echo "== summary (files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')+ gpu_check.log)"
+STEPS="GPU tests: $TEST_RESULT; sweep exit code: $BENCH_RC"
+if [ "$VARIANTS" != none ]; then STEPS="$STEPS; variants exit code: $VARIANTS_RC"; fi
+if [ "$TRAIN_BUDGET_S" != 0 ]; then STEPS="$STEPS; training exit code: $TRAIN_RC"; fi
+echo "$STEPS"
 if [ -s "$OUT/pixel_infonce.csv" ]; then
   "$PY" -m bench.bench_pixel_infonce --report-only --out "$OUT"
   REPORT_RC=$?
 else
-  echo "no benchmark rows were written: see $OUT/bench.log"
+  echo "no benchmark rows were written: see gpu_check.log"
   REPORT_RC=1
 fi
 if [ "$VARIANTS" != none ]; then
   echo
   # The variants run's own summary: from its header line to the end of its log.
-  sed -n '/^== launch variants/,$p' "$OUT/variants.log" | grep . || echo "no variant was measured: see $OUT/variants.log"
+  sed -n '/^== launch variants/,$p' "$LOGS/variants.log" | grep . || echo "no variant was measured: see gpu_check.log"
 fi
-if [ "$BENCH_RC" != 0 ] || [ "$VARIANTS_RC" != 0 ] || [ "$REPORT_RC" != 0 ] \
+if [ "$TRAIN_BUDGET_S" != 0 ]; then
+  echo
+  if [ -s "$OUT/train_steps.csv" ]; then
+    echo "training steps (paper configs on the synthetic pair, from scratch; train_steps.md):"
+    "$PY" -m bench.train_steps --report-only --out "$OUT" || TRAIN_RC=1
+  else
+    echo "no training rows were written: see gpu_check.log"
+    TRAIN_RC=1
+  fi
+fi
+if [ "$BENCH_RC" != 0 ] || [ "$VARIANTS_RC" != 0 ] || [ "$REPORT_RC" != 0 ] || [ "$TRAIN_RC" != 0 ] \
    || { [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 5 ]; }; then
   exit 1
 fi

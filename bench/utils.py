@@ -307,3 +307,22 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
         raise FileNotFoundError(f"no results file at {path}")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def merge_rows(source: Path, target: Path, columns: Sequence[str], key: Sequence[str]) -> int:
+    """Append the rows of `source` (a results CSV, e.g. a GPU run's) that `target` does not hold
+    yet, a row being identified by its values of `key`; return how many were appended.
+
+    Raises:
+        FileNotFoundError: `source` does not exist.
+        ValueError: either file has other columns than `columns`.
+    """
+    source, target = Path(source), Path(target)
+    incoming = read_rows(source)
+    if incoming and list(incoming[0]) != list(columns):
+        raise ValueError(f"{source} has columns {list(incoming[0])}, expected {list(columns)}")
+    have = {tuple(r[k] for k in key) for r in read_rows(target)} if target.exists() else set()
+    new = [r for r in incoming if tuple(r[k] for k in key) not in have]
+    append_rows(target, new, columns)
+    print(f"merged {len(new)} of {len(incoming)} rows from {source} into {target}", flush=True)
+    return len(new)

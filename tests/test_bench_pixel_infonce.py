@@ -386,15 +386,21 @@ def test_gpu_check_dry_run_plumbing(tmp_path):
     out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["bench.log", "env.txt", "pixel_infonce.csv", "pixel_infonce.md",
-                     "pixel_infonce.png", "pytest_gpu.log"]
-    assert "torch" in (tmp_path / "env.txt").read_text()
+    files = sorted(p.name for p in tmp_path.iterdir())  # the device tool returns at most 8
+    assert files == ["gpu_check.log", "pixel_infonce.csv", "pixel_infonce.md",
+                     "pixel_infonce.png", "train_steps.csv", "train_steps.md"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for step in ("env", "pytest_gpu", "bench", "train_steps"):
+        assert f"==================== {step}.log" in log
+    assert "torch" in log and "demo_tiny_no_cl" in log
     rows = _read_csv(tmp_path / "pixel_infonce.csv")
     assert {(r["provider"], r["n"]) for r in rows} == {("torch", "256"), ("triton", "256")}
+    assert [r["status"] for r in _read_csv(tmp_path / "train_steps.csv")] == ["ok", "ok"]
     tail = out.stdout.strip().splitlines()
-    assert tail[-3].startswith("provider") and tail[-1].startswith("triton")
-    assert "GPU tests: passed" in out.stdout
+    kernel_table = tail.index(next(line for line in tail if line.startswith("provider")))
+    assert tail[kernel_table + 2].startswith("triton")
+    assert tail[-3].startswith("case") and tail[-1].startswith("demo_tiny_no_cl")
+    assert "GPU tests: passed" in out.stdout and "training exit code: 0" in out.stdout
     bad = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr

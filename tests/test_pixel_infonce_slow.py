@@ -116,18 +116,21 @@ def test_triton_kernels_compile_for_gpus():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_compares_the_variants(tmp_path):
-    """The variant step of bench/gpu_check.sh (off by default in --dry-run) on a CPU: every
-    variant measured under the interpreter, rows in the CSV, and the comparison printed last."""
+    """The variant step of bench/gpu_check.sh (off by default) on a CPU: every variant measured
+    under the interpreter, rows in the CSV, and the comparison printed last (the training step is
+    switched off with GPU_CHECK_TRAIN_BUDGET_S=0)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(REPO),
                GPU_CHECK_TESTS="tests/test_pixel_infonce_gpu.py",
                GPU_CHECK_BENCH_ARGS="--n 128 --c 8 --providers torch --passes full",
                GPU_CHECK_VARIANTS="all",
-               GPU_CHECK_VARIANTS_ARGS="--n 80 --c 8 --dtype float32 --passes full --no-det")
+               GPU_CHECK_VARIANTS_ARGS="--n 80 --c 8 --dtype float32 --passes full --no-det",
+               GPU_CHECK_TRAIN_BUDGET_S="0")
     out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (tmp_path / "variants.log").exists()
+    assert "==================== variants.log" in (tmp_path / "gpu_check.log").read_text()
+    assert not (tmp_path / "train_steps.csv").exists() and "training exit code" not in out.stdout
     with open(tmp_path / "pixel_infonce.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == {"torch"} | {f"triton:{v}" for v in VARIANTS_EXPECTED}

@@ -1,0 +1,92 @@
+"""bench/train_steps.py: the training-step benchmark runs the real loop on the synthetic pair,
+records a failure as a row, and reports CLUDA's cost side by side. No timing is asserted."""
+import csv
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # bench/ is not installed by setup.py
+    sys.path.insert(0, str(REPO))
+
+from bench import train_steps as ts  # noqa: E402
+from cluda.experiment import load_experiment  # noqa: E402
+
+# Paper configs made small enough for a CPU step: MiT-B0, 64 x 64 crops (HRDA: 32 x 32 detail).
+TINY = ("--model.backbone=mit_b0", "--data.crop_size=[64,64]", "--data.batch_size=1",
+        "--experiment.device=cpu", "--experiment.threads=1", "--cl.impl=torch",
+        "--uda.ignore_top=4", "--uda.ignore_bottom=8", "--model.hrda.hr_crop_size=[32,32]",
+        "--model.hrda.hr_slide_size=[32,32]", "--model.hrda.hr_slide_stride=[16,16]")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_run_writes_rows_and_the_side_by_side_ratio(tmp_path, capsys):
+    assert ts.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = _rows(tmp_path / ts.CSV_NAME)
+    assert [r["case"] for r in rows] == ["demo_tiny", "demo_tiny_no_cl"]
+    for r in rows:
+        assert r["status"] == "ok" and r["crop"] == "64x64" and r["batch"] == "2"
+        assert r["iters"] == "4" and r["windows"] == "2"  # log windows of 2 iterations
+        assert float(r["p20_s"]) <= float(r["sec_per_it"]) <= float(r["p80_s"])
+        assert float(r["first_window_sec_per_it"]) > 0 and float(r["peak_mem_mib"]) > 0
+        assert r["device"] and r["git_rev"] and r["mem_kind"] == "peak RSS"
+    assert "--cl.source=false" in rows[1]["overrides"]
+    md = (tmp_path / ts.MD_NAME).read_text()
+    assert "demo_tiny / demo_tiny_no_cl:" in md and "| demo_tiny |" in md
+    assert "demo_tiny_no_cl" in capsys.readouterr().out.splitlines()[-1]
+    # A second run appends: two sections, and --report-only rebuilds the Markdown from the CSV.
+    assert ts.main(["--quick", "--cases", "demo_tiny", "--out", str(tmp_path)]) == 0
+    assert len(_rows(tmp_path / ts.CSV_NAME)) == 3
+    (tmp_path / ts.MD_NAME).unlink()
+    assert ts.main(["--report-only", "--out", str(tmp_path)]) == 0
+    runs = {r["date"] for r in _rows(tmp_path / ts.CSV_NAME)}  # two, unless within one second
+    assert (tmp_path / ts.MD_NAME).read_text().count("\n## ") == len(runs)
+    # --merge brings another run's rows (a GPU's) in once.
+    other = tmp_path / "gpu"
+    assert ts.main(["--merge", str(tmp_path / ts.CSV_NAME), "--out", str(other)]) == 0
+    assert ts.main(["--merge", str(tmp_path / ts.CSV_NAME), "--out", str(other)]) == 0
+    assert len(_rows(other / ts.CSV_NAME)) == 3 and (other / ts.MD_NAME).exists()
+
+
+@pytest.mark.parametrize("name", sorted(ts.CASES))
+def test_every_gpu_case_becomes_a_synthetic_run_of_its_config(name, tmp_path):
+    config, extra, _ = ts.CASES[name]
+    paper = load_experiment(str(REPO / config))
+    cfg = load_experiment(str(REPO / config),
+                          ts.synthetic_overrides(config, iters=30, log_interval=5, workers=2,
+                                                 work_dir=str(tmp_path), name=name) + list(extra))
+    h, w = paper.data.crop_size
+    for role in (cfg.data.source, cfg.data.target, cfg.data.val):
+        assert role.kind == "synthetic" and role.size == [h, 2 * w] and role.scale is None
+    assert cfg.data.source.num_samples >= 4 * 30  # enough scenes for every iteration
+    assert cfg.model.pretrained is None and not cfg.data.rcs and cfg.train.eval_interval == 0
+    # The network, the crop, the batch and the UDA / CL settings stay the paper's.
+    assert cfg.model == dataclasses.replace(paper.model, pretrained=None)
+    assert (cfg.data.crop_size, cfg.data.batch_size) == (paper.data.crop_size, paper.data.batch_size)
+    assert cfg.uda == paper.uda
+    assert cfg.cl.feat_size == ([65, 65] if name == "daformer_cluda_65" else paper.cl.feat_size)
+
+
+def test_hrda_cluda_case_trains_on_synthetic_data(tmp_path):
+    base = dict(date="d", device="cpu", git_rev="r", torch="t")
+    config, extra, _ = ts.CASES["hrda_cluda"]
+    row = ts.run_case("hrda_cluda", config, extra, iters=2, log_interval=1, workers=0,
+                      base_row=base, common=TINY)
+    assert row["status"] == "ok", row["status"]
+    assert row["crop"] == "64x64" and row["windows"] == 2 and float(row["sec_per_it"]) > 0
+
+
+def test_a_failing_case_is_a_row(tmp_path, capsys):
+    base = dict(date="d", device="cpu", git_rev="r", torch="t")
+    row = ts.run_case("bad", "configs/demo.yaml", ("--model.backbone=no_such_net",), iters=2,
+                      log_interval=1, workers=0, base_row=base, common=ts.QUICK_OVERRIDES)
+    assert row["status"].startswith("error: ") and "no_such_net" in row["status"]
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--cases", "nope"])
+    assert "unknown case" in capsys.readouterr().err
