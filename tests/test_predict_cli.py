@@ -3,69 +3,30 @@ sub-command): PNGs at full resolution that round-trip to the evaluation's predic
 comparison figure's layout and panels, and bad input (a clear one-line error, exit status 2,
 nothing written)."""
 import os
-import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import cluda.predict as pr
+from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, colorize, lookup_table
 from cluda.data.transforms import denormalize, normalize, resize
 from cluda.evaluate import predict_probs
-from cluda.experiment import (build_model, build_val_dataset, config_to_dict, load_experiment,
-                              make_predict_fn, save_checkpoint)
+from cluda.experiment import build_val_dataset, load_experiment, make_predict_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A MiT-B0 with a narrow decoder on three 64 x 96 synthetic validation scenes.
-TINY = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
-        "--model.aspp_channels=8", "--data.val.num_samples=3", "--data.val.size=[64, 96]",
-        "--eval.batch_size=1", "--eval.workers=0", "--experiment.device=cpu"]
 # Inference input resize of the checkpoint's config, (long, short) bounds: the test images are
 # resized for the network (MiT needs 32 px or more), so "full resolution" is not the network's
 # input resolution.
 SCALE = [64, 48]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core test machine, two threads made the first pass
-    of each new input shape take seconds instead of milliseconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(cfg, seed):
-    """Random network with a widened classifier, so its predictions spread over many classes."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        model.decoder.classifier.weight.normal_(0.0, 3.0)
-        model.decoder.classifier.bias.zero_()
-    return model.eval()
-
-
-def write_checkpoint(path, cfg, student, teacher):
-    """The keys train.py's `checkpoint()` writes, through the same `save_checkpoint`."""
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-    save_checkpoint(path, {
-        "config": config_to_dict(cfg), "iteration": 150, "student": student.state_dict(),
-        "teacher": None if teacher is None else teacher.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": []},
-        "best": {"mIoU19": 0.25, "iteration": 150}})
-    return path
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):  # after the autouse one_thread (same scope)
     folder = tmp_path_factory.mktemp("ckpts")
     cfg = load_experiment(None, TINY + [f"--data.val.scale={SCALE}"])
     models = [tiny_model(cfg, 0), tiny_model(cfg, 1)]
@@ -93,14 +54,6 @@ def reference_prediction(model, cfg, image):
 def files_under(root):
     return sorted(os.path.relpath(os.path.join(d, f), root)
                   for d, _, names in os.walk(root) for f in names)
-
-
-def check_error(rc, err, *needles):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], (needle, lines[0])
 
 
 def png(path):
