@@ -195,6 +195,14 @@ def open_tensorboard(out_dir: str, enabled: bool):
 # One training step and the evaluation
 # ----------------------------------------------------------------------------------------------
 
+def autocast(cfg: Config, device: torch.device):
+    """bfloat16 autocast on CUDA when `train.amp` (the paper's mixed precision); full precision
+    on the CPU, where bfloat16 matmuls are slower than float32 ones."""
+    if device.type == "cuda" and cfg.train.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.Module,
                teacher: Optional[torch.nn.Module], imnet: Optional[torch.nn.Module], step: UDAStep,
                optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device,
@@ -212,9 +220,7 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     src_img = src["img"].to(device, non_blocking=True)
     src_label = src["label"].to(device, non_blocking=True)
     tgt_img = tgt["img"].to(device, non_blocking=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.train.amp) \
-        else contextlib.nullcontext()
-    with amp:
+    with autocast(cfg, device):
         result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet)
     loss = sum(result.losses.values())
     finite = torch.isfinite(loss.detach()).float()
@@ -249,9 +255,7 @@ def evaluate_model(model: torch.nn.Module, val_data, cfg: Config, device: torch.
                                          generator=torch.Generator())  # leaves the global RNG alone
     was_training = model.training
     model.eval()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.train.amp) \
-        else contextlib.nullcontext()
-    with amp:
+    with autocast(cfg, device):
         result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
                           protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
                           device=device, progress=progress and rank == 0)

@@ -97,6 +97,35 @@ def test_family_runs_and_logs_exactly_its_terms(tmp_path, family):
     assert state["iteration"] == 4 and (state["teacher"] is None) == (family == "source_only")
 
 
+@pytest.mark.parametrize("family", ["daformer", "daformer_cluda", "hrda", "hrda_cluda"])
+def test_family_runs_under_bfloat16_autocast(tmp_path, family, monkeypatch):
+    """The GPU's precision on the CPU: train.py autocasts to bfloat16 on CUDA only, so the CPU tests
+    above never see bfloat16 activations. Here the training step and the evaluation run under
+    CPU bfloat16 autocast: every term stays finite, the contrastive op is handed the bfloat16
+    features (the Triton kernel's fast path on a GPU; a float32 cast would make it 14-28x slower)
+    and the weights stay float32."""
+    import kernels
+
+    monkeypatch.setattr(train, "autocast", lambda cfg, device: torch.autocast("cpu", dtype=torch.bfloat16))
+    dtypes = []
+    op = kernels.pixel_infonce
+
+    def spy(feats, labels, **kw):
+        dtypes.append(feats.dtype)
+        return op(feats, labels, **kw)
+
+    monkeypatch.setattr(kernels, "pixel_infonce", spy)
+    overrides, terms = FAMILIES[family]
+    result = run(tmp_path, *overrides)
+    last = read_csv(tmp_path / "run" / "log.csv")[-1]
+    for t in terms:
+        assert math.isfinite(float(last[t])) and (float(last[t]) > 0 or t == "src.fd"), (t, last[t])
+    assert set(dtypes) == ({torch.bfloat16} if "src.cl" in terms else set())
+    assert 0 <= result["metrics"][19]["mIoU"] <= 1
+    state = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert {v.dtype for v in state["student"].values() if v.is_floating_point()} == {torch.float32}
+
+
 def _tensors_equal(a, b):
     assert a.keys() == b.keys()
     return all(torch.equal(a[k], b[k]) for k in a)
