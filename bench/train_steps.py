@@ -14,7 +14,7 @@ memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak RSS of the process so
 grows). An OOM or a failure is recorded as the case's status, not a crash.
 
 Usage (from the repository root):
-    python -m bench.train_steps                    # the GPU cases below, 30 iterations each
+    python -m bench.train_steps                    # the GPU cases below, 25 iterations each
     python -m bench.train_steps --cases daformer,daformer_cluda --iters 20
     python -m bench.train_steps --quick            # the demo config made tiny, CPU, < 1 min
     python -m bench.train_steps --report-only      # rebuild the Markdown from the CSV
@@ -54,7 +54,9 @@ CASES = {
     "hrda_cluda": ("configs/gta2cs_hrda_cluda.yaml", (),
                    "HRDA + CLUDA-MR, LR and HR features in one InfoNCE call"),
 }
-GPU_CASES = ("daformer", "daformer_cluda", "daformer_cluda_65", "hrda", "hrda_cluda")
+# Each CLUDA case right after its baseline, so that a time budget that stops the run early still
+# leaves side-by-side pairs; the 65 x 65 variant last.
+GPU_CASES = ("daformer", "daformer_cluda", "hrda", "hrda_cluda", "daformer_cluda_65")
 # --quick: the demo config (MiT-B0, synthetic) made tiny, on the CPU; CL on and off.
 QUICK_CASES = {
     "demo_tiny": ("configs/demo.yaml", (), "demo config, 64 x 64 crops, batch 2"),
@@ -194,7 +196,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=None,
                    help=f"comma-separated, from {sorted(CASES)} (default: {','.join(GPU_CASES)})")
-    p.add_argument("--iters", type=int, default=30, help="iterations per case (default 30)")
+    p.add_argument("--iters", type=int, default=25, help="iterations per case (default 25)")
     p.add_argument("--log-interval", type=int, default=5, help="iterations per timing window")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: cores - 2, at most 8)")

@@ -401,6 +401,15 @@ def test_gpu_check_dry_run_plumbing(tmp_path):
     assert tail[kernel_table + 2].startswith("triton")
     assert tail[-3].startswith("case") and tail[-1].startswith("demo_tiny_no_cl")
     assert "GPU tests: passed" in out.stdout and "training exit code: 0" in out.stdout
+    # GPU_CHECK_BUDGET_S=0: the training steps alone (what a lease spent on issue 6 runs).
+    only = tmp_path / "train_only"
+    env2 = dict(env, OUT=str(only), GPU_CHECK_BUDGET_S="0", GPU_CHECK_TRAIN_ARGS="--cases demo_tiny")
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run"], cwd=REPO, env=env2,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(p.name for p in only.iterdir()) == ["gpu_check.log", "train_steps.csv", "train_steps.md"]
+    assert "sweep skipped" in out.stdout and "==================== bench.log" not in (only / "gpu_check.log").read_text()
+    assert out.stdout.strip().splitlines()[-1].startswith("demo_tiny ")
     bad = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "usage" in bad.stderr
