@@ -140,7 +140,7 @@ class CSVLog:
         if keep_until is not None and os.path.isfile(path):
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= keep_until]
-        with open(path, "w", newline="") as f:
+        with atomic_open(path, "w") as f:  # a crash here leaves the interrupted run's log whole
             writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
@@ -374,7 +374,7 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     train_log = eval_log = tb = None
     if main_proc:
         stat_cols = ["gamma", "pasted"] if step.self_training else []
-        train_log = CSVLog(os.path.join(out, "log.csv"), terms + ["loss"] + stat_cols + ["lr", "sec_per_it"],
+        train_log = CSVLog(os.path.join(out, "log.csv"), terms + ["loss"] + stat_cols + ["lr", "data_sec_per_it", "sec_per_it"],
                            keep_until=start_iter)
         eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
         eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
@@ -391,7 +391,9 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     batches = iter(loader)
     bar = tqdm(total=stop, initial=start_iter, disable=not main_proc, desc="train", dynamic_ncols=True)
     for it in range(start_iter, stop):
+        t_data = time.time()
         batch = next(batches)
+        window.setdefault("data_sec_per_it", []).append(time.time() - t_data)  # waiting for the loader
         logs = train_step(it=it, batch=batch, net=net, student=student, teacher=teacher, imnet=imnet,
                           step=step, optimizer=optimizer, scheduler=scheduler, cfg=cfg, device=device,
                           rank=rank, world=world)

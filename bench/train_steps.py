@@ -9,7 +9,10 @@ rare class sampling is off (it only changes which images are drawn), and no eval
 synthetic scenes are (crop height, 2 x crop width), Cityscapes' aspect at the crop's scale.
 
 Per case: seconds per iteration (median and 20 / 80 % quantiles over the log windows after the
-first, which holds cuDNN / Triton warm-up), the first window's seconds per iteration, and peak
+first, which holds cuDNN / Triton warm-up), of which the median time waiting for the data loader
+(`train.py` logs it; the synthetic scenes are drawn on the CPU by `data.workers` processes, so a
+data time near the s/it means the loader, not the device, sets the pace), the first window's
+seconds per iteration, and peak
 memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak RSS of the process so far, which only
 grows). An OOM or a failure is recorded as the case's status, not a crash.
 
@@ -67,7 +70,7 @@ QUICK_OVERRIDES = ("--data.crop_size=[64,64]", "--data.batch_size=2", "--experim
                    "--experiment.threads=1", "--uda.start_iter=0", "--cl.impl=torch")
 
 COLUMNS = ("date", "device", "git_rev", "torch", "case", "config", "overrides", "crop", "batch",
-           "iters", "windows", "sec_per_it", "p20_s", "p80_s", "first_window_sec_per_it",
+           "iters", "windows", "sec_per_it", "p20_s", "p80_s", "data_s", "first_window_sec_per_it",
            "peak_mem_mib", "mem_kind", "status", "note")
 CSV_NAME, MD_NAME = "train_steps.csv", "train_steps.md"
 
@@ -116,7 +119,9 @@ def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_in
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             out_dir = train.train(cfg, stop_at=iters)["out_dir"]  # the networks are freed here
-            secs = [float(w["sec_per_it"]) for w in read_rows(Path(out_dir) / "log.csv")]
+            windows = read_rows(Path(out_dir) / "log.csv")
+            secs = [float(w["sec_per_it"]) for w in windows]
+            data = [float(w["data_sec_per_it"]) for w in windows]
         except Exception as exc:  # noqa: BLE001 - an OOM or a failure is the case's result
             oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
             if not oom:
@@ -127,8 +132,9 @@ def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_in
                peak_mem_mib=f"{_peak_mib(device):.0f}",
                mem_kind="cuda max allocated" if device.type == "cuda" else "peak RSS")
     t = timing_from_samples(secs[1:] or secs, "log windows")  # quantiles in ms
+    d = timing_from_samples(data[1:] or data, "log windows")
     row.update(sec_per_it=f"{t.median_ms / 1e3:.4g}", p20_s=f"{t.p20_ms / 1e3:.4g}",
-               p80_s=f"{t.p80_ms / 1e3:.4g}",
+               p80_s=f"{t.p80_ms / 1e3:.4g}", data_s=f"{d.median_ms / 1e3:.4g}",
                status="ok", note="" if secs[1:] else "one log window: includes warm-up")
     return row
 
@@ -147,18 +153,21 @@ def markdown(rows: Sequence[Dict[str, str]]) -> str:
              "newest first). Each case trains a paper config on the synthetic pair at the config's "
              "crop and batch size, from scratch, without rare class sampling or evaluation. "
              "s/it: median [p20, p80] over the log windows after the first; first: the first "
-             "window, with warm-up. Memory: CUDA max allocated, or the process's peak RSS on a CPU.",
+             "window, with warm-up; data: of s/it, the median time spent waiting for the data loader "
+             "(near s/it: the run measures the loader, not the device). "
+             "Memory: CUDA max allocated, or the process's peak RSS on a CPU.",
              ""]
     for (date, device, rev), run in sorted(runs.items(), key=lambda kv: kv[0][0], reverse=True):
         lines += [f"## {device} · {date} · rev {rev}", "", f"torch {run[0]['torch']}", "",
-                  "| case | config | overrides | crop | batch | iters | s/it | first | peak MiB | status |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+                  "| case | config | overrides | crop | batch | iters | s/it | data | first | peak MiB | status |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
         by_case = {r["case"]: r for r in run}
         for r in run:
             spread = f" [{r['p20_s']}, {r['p80_s']}]" if r["sec_per_it"] else ""
             lines.append(f"| {r['case']} | {r['config']} | {r['overrides'] or '-'} | {r['crop'] or '-'} "
                          f"| {r['batch'] or '-'} | {r['iters']} | {r['sec_per_it'] or '-'}{spread} "
-                         f"| {r['first_window_sec_per_it'] or '-'} | {r['peak_mem_mib'] or '-'} "
+                         f"| {r['data_s'] or '-'} | {r['first_window_sec_per_it'] or '-'} "
+                         f"| {r['peak_mem_mib'] or '-'} "
                          f"| {r['status']} |")
         ratios = []
         for case, base in (("daformer_cluda", "daformer"), ("daformer_cluda_65", "daformer"),
@@ -180,9 +189,11 @@ def write_markdown(out: Path) -> None:
 
 
 def summary(rows: Sequence[Dict[str, object]]) -> str:
-    head = f"{'case':<20} {'crop':>9} {'batch':>5} {'s/it':>9} {'first':>9} {'peak MiB':>9}  status"
+    head = (f"{'case':<20} {'crop':>9} {'batch':>5} {'s/it':>9} {'data':>9} {'first':>9} "
+            f"{'peak MiB':>9}  status")
     body = [f"{r['case']:<20} {r.get('crop') or '-':>9} {r.get('batch') or '-':>5} "
-            f"{r.get('sec_per_it') or '-':>9} {r.get('first_window_sec_per_it') or '-':>9} "
+            f"{r.get('sec_per_it') or '-':>9} {r.get('data_s') or '-':>9} "
+            f"{r.get('first_window_sec_per_it') or '-':>9} "
             f"{r.get('peak_mem_mib') or '-':>9}  {r['status']}" for r in rows]
     return "\n".join([head] + body)
 

@@ -34,6 +34,7 @@ def test_quick_run_writes_rows_and_the_side_by_side_ratio(tmp_path, capsys):
         assert r["status"] == "ok" and r["crop"] == "64x64" and r["batch"] == "2"
         assert r["iters"] == "4" and r["windows"] == "2"  # log windows of 2 iterations
         assert float(r["p20_s"]) <= float(r["sec_per_it"]) <= float(r["p80_s"])
+        assert 0 <= float(r["data_s"]) <= float(r["sec_per_it"])
         assert float(r["first_window_sec_per_it"]) > 0 and float(r["peak_mem_mib"]) > 0
         assert r["device"] and r["git_rev"] and r["mem_kind"] == "peak RSS"
     assert "--cl.source=false" in rows[1]["overrides"]

@@ -82,6 +82,8 @@ def test_family_runs_and_logs_exactly_its_terms(tmp_path, family):
     if "mix.ce" in terms:
         assert rows[0]["mix.ce"] == ""  # iteration 1 is the source-only warm-up ...
         assert rows[0]["gamma"] == "" and 0 <= float(last["gamma"]) <= 1  # ... then Gamma is logged
+    for r in rows:  # the loader's share of each iteration's wall time
+        assert 0 <= float(r["data_sec_per_it"]) <= float(r["sec_per_it"])
     assert float(rows[0]["src.ce"]) != float(last["src.ce"])  # the loss moves
     assert sum(float(r["loss"]) for r in rows[1:]) != 4 * float(rows[0]["loss"])
     # evaluation at the last iteration, files
