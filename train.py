@@ -299,8 +299,29 @@ def checkpoint(path: str, *, cfg: Config, it_next: int, student, teacher, optimi
         "rng": rng_states(), "best": best})
 
 
+@contextlib.contextmanager
+def backend_settings(cfg: Config):
+    """`experiment.deterministic` for the duration of a run: cuDNN autotuning by default, or
+    deterministic cuDNN and torch algorithms (warning where torch has none). The previous
+    settings are restored on exit."""
+    cudnn = torch.backends.cudnn
+    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    if cfg.experiment.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        cudnn.benchmark, cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
+        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
+
+
 def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None) -> Dict:
-    """Run (or resume) the experiment `cfg`.
+    """Run (or resume) the experiment `cfg` (under `backend_settings`).
 
     Args:
         cfg: the checked config.
@@ -311,6 +332,11 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
         {"out_dir", "iteration" (done), "metrics" (last evaluation, by protocol), "best",
         "student", "teacher"} (the last two are the unwrapped modules).
     """
+    with backend_settings(cfg):
+        return _train(cfg, resume=resume, stop_at=stop_at)
+
+
+def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dict:
     rank, world, local_rank = setup_distributed()
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
@@ -458,7 +484,8 @@ def eval_only(checkpoint_path: str, cfg: Optional[Config], overrides: Sequence[s
     rank, world, local_rank = setup_distributed()
     device = resolve_device(cfg, local_rank)
     model.to(device)
-    metrics = evaluate_model(model, build_val_dataset(cfg), cfg, device, rank=rank, world=world)
+    with backend_settings(cfg):
+        metrics = evaluate_model(model, build_val_dataset(cfg), cfg, device, rank=rank, world=world)
     if rank == 0:
         stem = "eval_" + os.path.splitext(os.path.basename(checkpoint_path))[0]
         folder = os.path.dirname(os.path.abspath(checkpoint_path))

@@ -57,12 +57,19 @@ class ExperimentSection:
     (a function of (seed, iteration, rank)). device: "auto" (CUDA when present), "cpu", "cuda".
     threads: torch's intra-op CPU threads (None: torch's default, one per core). On a CPU shared
     with other jobs, 1 avoids OpenMP's collapse under oversubscription (measured: 15 s instead of
-    0.5 s per demo iteration on this 2-core machine with another 2-thread job running)."""
+    0.5 s per demo iteration on this 2-core machine with another 2-thread job running).
+    deterministic: False (the default) lets cuDNN pick the fastest convolution algorithms by timing
+    them (`cudnn.benchmark`, as DAFormer's runtime); True asks for deterministic cuDNN algorithms
+    and `torch.use_deterministic_algorithms(True, warn_only=True)`, the trade of mmseg's
+    `--deterministic`. On a CPU runs are bitwise reproducible either way; on a GPU some kernels
+    (e.g. bilinear upsampling's backward, which scatters with atomics) have no deterministic
+    version, so torch warns and two runs can still differ in the last bits."""
     name: str = "run"
     work_dir: str = "work_dirs"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = None
+    deterministic: bool = False
 
 
 @dataclass

@@ -128,6 +128,29 @@ def test_family_runs_under_bfloat16_autocast(tmp_path, family, monkeypatch):
     assert {v.dtype for v in state["student"].values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backend_settings_hold_for_the_run_and_are_restored(tmp_path, monkeypatch, deterministic):
+    """experiment.deterministic: cuDNN autotuning (the default) or deterministic algorithms during
+    the run, the caller's settings afterwards; a deterministic CPU run trains as the default does."""
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    seen = []
+    step = train.train_step
+
+    def spy(**kw):
+        seen.append((cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()))
+        return step(**kw)
+
+    monkeypatch.setattr(train, "train_step", spy)
+    extra = FAMILIES["daformer_cluda"][0] + ["--train.max_iters=2", f"--experiment.deterministic={deterministic}"]
+    result = run(tmp_path, *extra)
+    assert set(seen) == {(not deterministic, deterministic, deterministic)}
+    assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == before
+    if deterministic:  # the same weights as the default run: CPU kernels are deterministic anyway
+        default = run(tmp_path / "default", *extra[:-1])
+        assert _tensors_equal(result["student"].state_dict(), default["student"].state_dict())
+
+
 def _tensors_equal(a, b):
     assert a.keys() == b.keys()
     return all(torch.equal(a[k], b[k]) for k in a)
