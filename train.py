@@ -400,7 +400,8 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
     train_log = eval_log = tb = None
     if main_proc:
         stat_cols = ["gamma", "pasted"] if step.self_training else []
-        train_log = CSVLog(os.path.join(out, "log.csv"), terms + ["loss"] + stat_cols + ["lr", "data_sec_per_it", "sec_per_it"],
+        train_log = CSVLog(os.path.join(out, "log.csv"),
+                           terms + ["loss"] + stat_cols + ["lr", "data_sec_per_it", "sec_per_it"],
                            keep_until=start_iter)
         eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
         eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
