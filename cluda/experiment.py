@@ -202,7 +202,10 @@ class CLSection:
     original code). feat_size: None (native fused resolution) or [h, w] (the original code's
     [65, 65] bilinear resize); single-resolution models only. multires (HRDA): "lr" (LR features
     only), "lr+hr" (LR and HR features, weights 1) or "weighted" (Eq. 7, delta / 1 - delta).
-    impl: `kernels.pixel_infonce` implementation ("auto": Triton on CUDA, tiled torch on CPU)."""
+    impl: `kernels.pixel_infonce` implementation ("auto": Triton on CUDA, tiled torch on CPU).
+    triton_variant: launch preset of the Triton kernels (`kernels.triton_infonce.VARIANTS`; None:
+    the default, tuned on an H200); on another GPU `python -m bench.bench_pixel_infonce
+    --variants all` says which is fastest there."""
     source: bool = True
     mixed: bool = True
     weight: float = 1.0
@@ -212,6 +215,7 @@ class CLSection:
     feat_size: Optional[List[int]] = None
     multires: Literal["lr", "lr+hr", "weighted"] = "weighted"
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"
+    triton_variant: Optional[str] = None
 
 
 @dataclass
@@ -336,6 +340,11 @@ def validate(cfg: Config) -> Config:
     if c.temperature <= 0 or c.weight < 0:
         raise ConfigError(f"cl.temperature must be > 0 and cl.weight >= 0, got {c.temperature}, "
                           f"{c.weight}")
+    if c.triton_variant is not None:
+        from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
+        if c.triton_variant not in VARIANTS:
+            raise ConfigError(f"cl.triton_variant must be null or one of {sorted(VARIANTS)}, "
+                              f"got {c.triton_variant!r}")
     if not 0.0 <= u.ema_alpha <= 1.0 or not 0.0 <= u.pseudo_threshold <= 1.0:
         raise ConfigError(f"uda.ema_alpha and uda.pseudo_threshold must lie in [0, 1], got "
                           f"{u.ema_alpha}, {u.pseudo_threshold}")
@@ -536,7 +545,8 @@ def build_uda_step(cfg: Config):
     if c.source or c.mixed:
         contrastive = ContrastiveLoss(temperature=c.temperature, pairs=c.pairs,
                                       weighting=c.weighting, feat_size=c.feat_size,
-                                      thing_classes=THING_CLASSES, impl=c.impl)
+                                      thing_classes=THING_CLASSES, impl=c.impl,
+                                      variant=c.triton_variant)
     return UDAStep(
         self_training=u.enabled, start_iter=u.start_iter, pseudo_threshold=u.pseudo_threshold,
         ignore_top=u.ignore_top, ignore_bottom=u.ignore_bottom, mix=u.mix,

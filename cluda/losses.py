@@ -146,7 +146,8 @@ def _check_options(pairs: str, weighting: str, temperature: float) -> None:
 
 def _infonce_sum(feats: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], *,
                  exclusive: Optional[torch.Tensor], temperature: float, pairs: str, weighting: str,
-                 thing_classes: Sequence[int], ignore_index: int, impl: str) -> torch.Tensor:
+                 thing_classes: Sequence[int], ignore_index: int, impl: str,
+                 variant: Optional[str] = None) -> torch.Tensor:
     """sum_i w_i L_i / A over flat pixels: feats (N, C), labels (N,), weights (N,) or None."""
     n = feats.shape[0]
     if pairs == "all":
@@ -163,7 +164,8 @@ def _infonce_sum(feats: torch.Tensor, labels: torch.Tensor, weights: Optional[to
     pos_weight = weights if (weighting == "pair" and weights is not None) else None
     per_anchor = kernels.pixel_infonce(feats, labels, temperature=temperature, groups=groups,
                                        exclusive=exclusive, pos_weight=pos_weight,
-                                       ignore_index=ignore_index, impl=impl)  # (N,) float32
+                                       ignore_index=ignore_index, impl=impl,
+                                       variant=variant)  # (N,) float32
     if weights is not None:
         per_anchor = weights.float() * per_anchor
     return per_anchor.sum() / max(n, 1)
@@ -173,7 +175,7 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
                      *, temperature: float = 1.0, pairs: str = "stuff+thing", weighting: str = "anchor",
                      feat_size: Optional[Sequence[int]] = None,
                      thing_classes: Sequence[int] = THING_CLASSES, ignore_index: int = IGNORE_INDEX,
-                     impl: str = "auto") -> torch.Tensor:
+                     impl: str = "auto", variant: Optional[str] = None) -> torch.Tensor:
     """Source (Eq. 3) or mixed (Eq. 4-5) CLUDA contrastive loss over a whole batch, in one op call.
 
     L = (1 / A) * sum_i w_i L_i, with L_i the pixel InfoNCE of Eq. 2 (`kernels.pixel_infonce`),
@@ -196,6 +198,7 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
         thing_classes: label ids of the thing classes (Cityscapes train ids by default).
         ignore_index: label value of ignored pixels.
         impl: passed to `kernels.pixel_infonce` ("auto", "triton", "torch", "reference").
+        variant: passed to `kernels.pixel_infonce`: the Triton launch preset (None: the default).
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. feats (and weights if they require grad).
@@ -205,7 +208,8 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
     return _infonce_sum(_flatten(feats), labels.reshape(-1),
                         None if weights is None else weights.reshape(-1), exclusive=None,
                         temperature=temperature, pairs=pairs, weighting=weighting,
-                        thing_classes=thing_classes, ignore_index=ignore_index, impl=impl)
+                        thing_classes=thing_classes, ignore_index=ignore_index, impl=impl,
+                        variant=variant)
 
 
 def _parse_boxes(boxes: Boxes, batch: int, h: int, w: int) -> List[Box]:
@@ -276,7 +280,8 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
                               hr_weights: Optional[torch.Tensor] = None, weighted: bool = True,
                               temperature: float = 1.0, pairs: str = "stuff+thing",
                               weighting: str = "anchor", thing_classes: Sequence[int] = THING_CLASSES,
-                              ignore_index: int = IGNORE_INDEX, impl: str = "auto") -> torch.Tensor:
+                              ignore_index: int = IGNORE_INDEX, impl: str = "auto",
+                              variant: Optional[str] = None) -> torch.Tensor:
     """Multi-resolution CLUDA (Eq. 7) on HRDA's LR context and HR detail features, one op call.
 
     Pixels: the B * h_lr * w_lr LR pixels, then the B * h_hr * w_hr HR pixels. HR pixels are
@@ -302,14 +307,15 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
         hr_weights: optional pixel weights of the detail crop, at hr_labels' size; give both or
             neither when hr_feats is set.
         weighted: use delta / 1 - delta (True) or weight 1 everywhere (False).
-        temperature, pairs, weighting, thing_classes, ignore_index, impl: as `contrastive_loss`.
+        temperature, pairs, weighting, thing_classes, ignore_index, impl, variant: as
+            `contrastive_loss`.
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. lr_feats, hr_feats and delta.
     """
     _check_options(pairs, weighting, temperature)
     common = dict(temperature=temperature, pairs=pairs, weighting=weighting,
-                  thing_classes=thing_classes, ignore_index=ignore_index, impl=impl)
+                  thing_classes=thing_classes, ignore_index=ignore_index, impl=impl, variant=variant)
     if hr_feats is None:
         return contrastive_loss(lr_feats, lr_labels, lr_weights, **common)
     if hr_labels is None or boxes is None:
@@ -346,7 +352,7 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
     exclusive[lr_labels.numel():] = True
     return _infonce_sum(feats, labels, weights, exclusive=exclusive, temperature=temperature,
                         pairs=pairs, weighting=weighting, thing_classes=thing_classes,
-                        ignore_index=ignore_index, impl=impl)
+                        ignore_index=ignore_index, impl=impl, variant=variant)
 
 
 class ContrastiveLoss(nn.Module):
@@ -364,12 +370,13 @@ class ContrastiveLoss(nn.Module):
         thing_classes: label ids of the thing classes.
         ignore_index: label value of ignored pixels.
         impl: `kernels.pixel_infonce` implementation.
+        variant: Triton launch preset of `kernels.pixel_infonce` (None: the default).
     """
 
     def __init__(self, *, temperature: float = 1.0, pairs: str = "stuff+thing",
                  weighting: str = "anchor", feat_size: Optional[Sequence[int]] = None,
                  thing_classes: Sequence[int] = THING_CLASSES, ignore_index: int = IGNORE_INDEX,
-                 impl: str = "auto"):
+                 impl: str = "auto", variant: Optional[str] = None):
         super().__init__()
         _check_options(pairs, weighting, temperature)
         self.temperature = float(temperature)
@@ -379,10 +386,12 @@ class ContrastiveLoss(nn.Module):
         self.thing_classes = tuple(int(c) for c in thing_classes)
         self.ignore_index = int(ignore_index)
         self.impl = impl
+        self.variant = variant
 
     def _common(self) -> dict:
         return dict(temperature=self.temperature, pairs=self.pairs, weighting=self.weighting,
-                    thing_classes=self.thing_classes, ignore_index=self.ignore_index, impl=self.impl)
+                    thing_classes=self.thing_classes, ignore_index=self.ignore_index, impl=self.impl,
+                    variant=self.variant)
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -401,7 +410,7 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, pairs={self.pairs!r}, weighting={self.weighting!r}, "
-                f"feat_size={self.feat_size}, impl={self.impl!r}")
+                f"feat_size={self.feat_size}, impl={self.impl!r}, variant={self.variant!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ from triton.compiler import ASTSource
 from kernels import triton_infonce as ti
 
 _TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+# Shared memory one program (thread block) may use, opt-in maximum, by compute capability (CUDA C
+# Programming Guide, technical specifications): a kernel needing more fails to launch
+# (Triton's OutOfResources), and kernels.triton_infonce then falls back to a smaller config.
+SHARED_LIMIT_KIB = {80: 163, 86: 99, 87: 163, 89: 99, 90: 227, 100: 227, 120: 99}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -204,8 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     every = args.inputs == "all"
     print(f"sm_{args.arch}, C={args.channels}, {args.dtype}, optional inputs: {args.inputs}, "
           f"triton {triton.__version__}")
+    limit = SHARED_LIMIT_KIB.get(args.arch)
     print(f"{'variant':<10} {'kernel':<8} {'regs':>4} {'spill st/ld B':>13} {'in loops':>8} "
-          f"{'smem KiB':>8}  matrix ops")
+          f"{'smem KiB':>8} {'fits':>4}  matrix ops   (shared memory limit of sm_{args.arch}: "
+          f"{'unknown' if limit is None else f'{limit} KiB'})")
     for name in args.variants.split(","):
         for r in compile_kernels(ti.variant_config(name, dtype), num_channels=args.channels,
                                  dtype=dtype, arch=args.arch, has_weight=every,
@@ -214,7 +220,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:<10} {r.kernel:<8} {r.registers:>4} "
                   f"{f'{r.spill_stores}/{r.spill_loads}':>13} "
                   f"{'-' if r.loop_spills is None else r.loop_spills:>8} "
-                  f"{r.shared_bytes / 1024:>8.1f}  {ops}", flush=True)
+                  f"{r.shared_bytes / 1024:>8.1f} "
+                  f"{'?' if limit is None else ('yes' if r.shared_bytes <= limit * 1024 else 'NO'):>4}  "
+                  f"{ops}", flush=True)
     return 0
 
 

@@ -84,6 +84,7 @@ def pixel_infonce(
     pos_weight: Optional[torch.Tensor] = None,
     ignore_index: int = 255,
     impl: str = "auto",
+    variant: Optional[str] = None,
 ) -> torch.Tensor:
     """Per-anchor pixel InfoNCE loss (CLUDA Eq. 2) over every eligible pixel pair.
 
@@ -118,6 +119,9 @@ def pixel_infonce(
         impl: "reference" (N x N matrix, small N only), "torch" (tiled, memory O(N * block + N * C)),
             "triton" (fused kernels; CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton for
             CUDA tensors when triton imports, torch otherwise).
+        variant: launch preset of the Triton kernels, a name of `kernels.triton_infonce.VARIANTS`
+            (None: its DEFAULT_VARIANT, tuned on an H200); the same result up to rounding, at
+            another speed. Ignored by the other paths.
 
     Returns:
         (N,) float32 loss per pixel (float64 for float64 feats), differentiable w.r.t. feats and
@@ -126,7 +130,7 @@ def pixel_infonce(
     """
     return _pixel_infonce(feats, labels, temperature=temperature, groups=groups,
                           exclusive=exclusive, pos_weight=pos_weight, ignore_index=ignore_index,
-                          impl=impl, triton_config=None)
+                          impl=impl, triton_config=None, variant=variant)
 
 
 def pixel_infonce_with_config(
@@ -155,11 +159,11 @@ def pixel_infonce_with_config(
     """
     return _pixel_infonce(feats, labels, temperature=temperature, groups=groups,
                           exclusive=exclusive, pos_weight=pos_weight, ignore_index=ignore_index,
-                          impl="triton", triton_config=config)
+                          impl="triton", triton_config=config, variant=None)
 
 
 def _pixel_infonce(feats, labels, *, temperature, groups, exclusive, pos_weight, ignore_index,
-                   impl, triton_config) -> torch.Tensor:
+                   impl, triton_config, variant) -> torch.Tensor:
     """Validation and dispatch behind `pixel_infonce` and `pixel_infonce_with_config`."""
     # ---- validation at the boundary -------------------------------------------------------
     if not isinstance(feats, torch.Tensor):
@@ -187,6 +191,8 @@ def _pixel_infonce(feats, labels, *, temperature, groups, exclusive, pos_weight,
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if variant is not None and not isinstance(variant, str):
+        raise TypeError(f"variant must be None or a preset name, got {type(variant).__name__}")
     if feats.numel() and not _all_finite(feats):
         raise ValueError("feats holds non-finite values (inf or nan)")
     if pos_weight is not None and pos_weight.numel() and not bool(torch.isfinite(pos_weight).all()):
@@ -209,6 +215,8 @@ def _pixel_infonce(feats, labels, *, temperature, groups, exclusive, pos_weight,
                              "before TRITON_INTERPRET=1 was set")
         # The features in sorted order and their own dtype (autograd scatters the gradient back);
         # the kernels normalise them on the fly and return the gradient in the same dtype.
+        if variant is not None:
+            triton_config = triton_module.variant_config(variant, feats.dtype)
         u = pos_weight[layout.index].float() if pos_weight is not None else None
         loss_sorted = triton_module.triton_pixel_infonce(
             feats[layout.index], layout, inv_tau=1.0 / temperature, pos_weight=u,

@@ -26,6 +26,14 @@ similarity is then computed once per tile in backward), software-pipelining dept
 `resident_rows` (forward: the row block's features are loaded once per program and stay on chip
 across the column loop) and the precision of the H @ V GEMM (TF32, or bfloat16 operands).
 
+On-chip limits: the presets were tuned on an H200 (sm_90, 227 KiB of shared memory per program).
+A launch that needs more shared memory or threads than the device has (Triton's `OutOfResources`,
+raised before anything runs) is retried once with the next smaller configuration
+(`_smaller_config`: forward without resident rows, backward with 128 gradient channels per
+program), with a warning, and the choice is remembered per device. The default forward's resident
+rows need 128.5 KiB on sm_80 to sm_89 (`python -m kernels.compile_report --arch 86`): an A100's
+163 KiB holds them, the 99 KiB of sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50, A6000, L40) do not.
+
 Memory: the op holds the gathered features f (input dtype, saved for backward), their gradient
 (input dtype) and O(n) float32 statistics (rinv, proj, Neg', R', a, b); backward saves f, u,
 rinv, proj, Neg' and R'. Inputs are float16 / bfloat16 / float32, accumulation is float32. On a
@@ -33,12 +41,14 @@ CPU this module runs only under Triton's interpreter (TRITON_INTERPRET=1 set bef
 which has no bfloat16.
 """
 import os
+import warnings
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from kernels.layout import SortedPixels
 
@@ -497,6 +507,41 @@ def variant_config(name: str, dtype: torch.dtype) -> TritonConfig:
     return VARIANTS[name](dtype)
 
 
+def _smaller_config(kernel: str, cfg: TritonConfig) -> Optional[TritonConfig]:
+    """The configuration to retry `kernel` ("forward" / "backward") with when a launch with the
+    resolved `cfg` ran out of on-chip resources, or None when there is no smaller one."""
+    if kernel == "forward" and cfg.resident_rows:
+        return replace(cfg, resident_rows=False)  # stream the channels: v1's shared memory
+    if kernel == "backward" and cfg.block_d > 128:
+        return replace(cfg, block_d=128)  # v1's gradient channels per program
+    return None
+
+
+# (kernel, device, requested config) -> the config that launched there, once a launch fell back.
+_FALLBACKS: Dict[Tuple[str, torch.device, TritonConfig], TritonConfig] = {}
+
+
+def _launch(kernel: str, device: torch.device, cfg: TritonConfig,
+            launch: Callable[[TritonConfig], None]) -> TritonConfig:
+    """Run `launch(cfg)`, falling back to smaller configs while the device lacks the on-chip
+    resources (shared memory, threads) a config needs; returns the config that ran. Triton raises
+    `OutOfResources` when it loads the compiled kernel, before the launch, so nothing was written."""
+    key = (kernel, device, cfg)
+    current = _FALLBACKS.get(key, cfg)
+    while True:
+        try:
+            launch(current)
+            return current
+        except OutOfResources as exc:
+            smaller = _smaller_config(kernel, current)
+            if smaller is None:
+                raise
+            warnings.warn(f"pixel InfoNCE {kernel} kernel: {exc} on {device}; running it with "
+                          f"{'streamed channels' if kernel == 'forward' else 'block_d=128'} instead "
+                          "(slower; see kernels/triton_infonce.py, On-chip limits)", RuntimeWarning)
+            _FALLBACKS[key] = current = smaller
+
+
 def _interpreter_can_run(dtype: torch.dtype) -> bool:
     """numpy has no bfloat16: the interpreter would return garbage rather than fail."""
     return dtype != torch.bfloat16
@@ -536,18 +581,22 @@ class TritonPixelInfoNCE(torch.autograd.Function):
         loss = torch.zeros_like(neg)
         r_stat = torch.zeros_like(neg)
         ex = layout.exclusive.to(torch.int8) if layout.exclusive is not None else None
-        if n > 0:
-            _infonce_fwd_kernel[(triton.cdiv(n, cfg.block_m),)](
+
+        def launch(c: TritonConfig) -> None:
+            _infonce_fwd_kernel[(triton.cdiv(n, c.block_m),)](
                 f, rinv, u if u is not None else neg,
                 layout.group_start, layout.group_end, layout.class_start, layout.class_end,
                 layout.num_pos, ex if ex is not None else layout.num_pos,
                 neg, loss, r_stat,
                 n, num_channels, inv_tau,
                 HAS_WEIGHT=u is not None, HAS_EXCLUSIVE=ex is not None,
-                RESIDENT=cfg.resident_rows, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_C=cfg.forward_block_c(num_channels), DOT_PRECISION=cfg.dot_precision,
-                **cfg.launch_options(),
+                RESIDENT=c.resident_rows, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_C=c.forward_block_c(num_channels), DOT_PRECISION=c.dot_precision,
+                **c.launch_options(),
             )
+
+        if n > 0:
+            _launch("forward", f.device, cfg, launch)
         ctx.layout, ctx.ex, ctx.inv_tau, ctx.cfg = layout, ex, inv_tau, cfg
         ctx.save_for_backward(f, u, rinv, proj, neg, r_stat)
         return loss
@@ -565,8 +614,9 @@ class TritonPixelInfoNCE(torch.autograd.Function):
         # Every element is written by the kernel (row blocks x channel blocks cover (n, C)).
         df = torch.empty_like(f)
         du = torch.zeros_like(u) if need_du else None
-        if n > 0:
-            grid = (triton.cdiv(n, cfg.block_m), triton.cdiv(num_channels, cfg.block_d))
+
+        def launch(c: TritonConfig) -> None:
+            grid = (triton.cdiv(n, c.block_m), triton.cdiv(num_channels, c.block_d))
             _infonce_bwd_kernel[grid](
                 f, rinv, proj, u if u is not None else neg, a, b, neg,
                 layout.group_start, layout.group_end, layout.class_start, layout.class_end,
@@ -574,10 +624,13 @@ class TritonPixelInfoNCE(torch.autograd.Function):
                 df, du if du is not None else neg,
                 n, num_channels, ctx.inv_tau,
                 HAS_WEIGHT=u is not None, HAS_EXCLUSIVE=ex is not None, NEED_DU=need_du,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_C=cfg.block_c, BLOCK_D=cfg.block_d, DOT_PRECISION=cfg.dot_precision,
-                **product_constexprs(cfg, native_bf16=not INTERPRETED), **cfg.launch_options(),
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_C=c.block_c, BLOCK_D=c.block_d, DOT_PRECISION=c.dot_precision,
+                **product_constexprs(c, native_bf16=not INTERPRETED), **c.launch_options(),
             )
+
+        if n > 0:
+            _launch("backward", f.device, cfg, launch)
         return df, du, None, None, None
 
 

@@ -276,6 +276,89 @@ def test_triton_block_sizes(blocks, resident, classes):
     assert_matches(u32.grad, ref_u.grad, what="u grad", **grad_tol(0.1))
 
 
+@needs_triton
+def test_variant_picks_the_triton_preset_and_is_ignored_elsewhere():
+    """pixel_infonce(..., variant=name) runs the preset `name` (the same numbers as
+    pixel_infonce_with_config with it); the torch and reference paths ignore it; an unknown name
+    fails with the known ones."""
+    from kernels.triton_infonce import variant_config
+
+    feats, labels, kwargs, upstream = make_inputs(90, 40, 3, seed=21, weight=True)
+    f = feats.float()
+    u = kwargs["pos_weight"].float()
+    want = pixel_infonce_with_config(f, labels, temperature=0.1, pos_weight=u,
+                                     config=variant_config("wide", torch.float32))
+    got = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="triton", variant="wide")
+    assert torch.equal(got, want)
+    default = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="triton")
+    assert not torch.equal(default, want)  # wide's 64 x 64 tiles sum in another order
+    torch.testing.assert_close(default, want)
+    torch_path = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="torch")
+    assert torch.equal(torch_path, pixel_infonce(f, labels, temperature=0.1, pos_weight=u,
+                                                 impl="torch", variant="no such preset"))
+    with pytest.raises(ValueError, match=r"unknown variant 'fastest'; known: \['bf16prod'"):
+        pixel_infonce(f, labels, temperature=0.1, impl="triton", variant="fastest")
+    with pytest.raises(TypeError, match="variant must be None or a preset name"):
+        pixel_infonce(f, labels, temperature=0.1, impl="torch", variant=3)
+
+
+@needs_triton
+def test_triton_launch_falls_back_when_the_device_lacks_shared_memory(monkeypatch):
+    """A launch Triton refuses for lack of on-chip resources (the default forward's resident rows
+    need 128.5 KiB of shared memory on sm_86 / sm_89, which have 99 KiB) is retried with streamed
+    channels (forward) and 128 gradient channels per program (backward), with a warning: the
+    result is that of the smaller config, and later calls go straight to it."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels import triton_infonce as ti
+
+    class Refusing:  # the kernel, refusing the launches a smaller GPU could not load
+        def __init__(self, kernel, too_large):
+            self.kernel, self.too_large, self.refused, self.ran = kernel, too_large, 0, []
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                if self.too_large(kw):
+                    self.refused += 1
+                    raise OutOfResources(131584, 101376, "shared memory")
+                self.ran.append(kw)
+                return self.kernel[grid](*args, **kw)
+            return launch
+
+    feats, labels, kwargs, upstream = make_inputs(150, 130, 4, seed=5, weight=True)
+    layout = sort_pixels(labels)
+    f, u = feats[layout.index].float(), kwargs["pos_weight"][layout.index].float()
+    g = upstream[layout.index].float()
+
+    def run(config):
+        f1, u1 = f.clone().requires_grad_(), u.clone().requires_grad_()
+        loss = ti.triton_pixel_infonce(f1, layout, inv_tau=10.0, pos_weight=u1, config=config)
+        (loss * g).sum().backward()
+        return loss.detach(), f1.grad, u1.grad
+
+    large = ti.TritonConfig(block_m=32, block_n=16, block_d=256, resident_rows=True)
+    assert large.resolved(130, torch.float32).resident_rows
+    want = run(ti.TritonConfig(block_m=32, block_n=16, block_d=128))
+    monkeypatch.setattr(ti, "_FALLBACKS", {})
+    fwd = Refusing(ti._infonce_fwd_kernel, lambda kw: kw["RESIDENT"])
+    bwd = Refusing(ti._infonce_bwd_kernel, lambda kw: kw["BLOCK_D"] > 128)
+    monkeypatch.setattr(ti, "_infonce_fwd_kernel", fwd)
+    monkeypatch.setattr(ti, "_infonce_bwd_kernel", bwd)
+    with pytest.warns(RuntimeWarning, match="out of resource: shared memory") as caught:
+        got = run(large)
+    assert len(caught) == 2  # one per kernel
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert (fwd.refused, bwd.refused) == (1, 1)
+    assert not fwd.ran[-1]["RESIDENT"] and bwd.ran[-1]["BLOCK_D"] == 128
+    run(large)  # remembered for this device: no second refusal
+    assert (fwd.refused, bwd.refused) == (1, 1) and len(fwd.ran) == len(bwd.ran) == 2
+    # Nothing smaller left to try: the error reaches the caller.
+    bwd.too_large = lambda kw: True
+    with pytest.raises(OutOfResources):
+        run(large)
+
+
 @pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("triton",) + FLOAT16_VARIANTS])
 def test_triton_float16_interpreter(impl):
     """float16 inputs: f is rounded to float16 (2**-11 relative), so s moves by ~1e-3 and

@@ -7,6 +7,7 @@
 - the Triton kernels compile for real GPUs (sm_80, sm_90) with Triton's own CUDA backend, without a
   GPU and without the interpreter, which accepts code that the compiler would reject; every launch
   variant at C = 512 compiles for sm_90 without spills inside its loops (kernels.compile_report);
+  the default launch fits the shared memory of sm_80 and sm_90, and its fallback that of sm_86;
 - bench/gpu_check.sh --dry-run with its launch-variant step on (the GPU session's comparison).
 """
 import csv
@@ -112,6 +113,40 @@ def test_triton_kernels_compile_for_gpus():
             assert 0 < r["registers"] <= 255 and r["shared_bytes"] <= 227 * 1024, where
             if r["loop_spills"] is not None:
                 assert r["loop_spills"] <= 4, where
+
+
+@pytest.mark.slow
+def test_default_preset_fits_each_gpu_or_has_a_fallback_that_does():
+    """The default launch at C = 512 bfloat16, compiled for A100 (sm_80), RTX 30 / A6000 (sm_86)
+    and H100 (sm_90): the forward's resident rows fit the shared memory of sm_80 and sm_90 but not
+    the 99 KiB of sm_86, where the launch falls back (kernels.triton_infonce._launch) to streamed
+    channels, which fit; the backward fits all three."""
+    pytest.importorskip("triton")
+    result = _run("""
+        import json
+        import torch
+        from kernels import triton_infonce as ti
+        from kernels.compile_report import compile_kernels
+
+        cfg = ti.variant_config(ti.DEFAULT_VARIANT, torch.bfloat16).resolved(512, torch.bfloat16)
+        out = {}
+        for arch in (80, 86, 90):
+            fwd, bwd = compile_kernels(cfg, num_channels=512, dtype=torch.bfloat16, arch=arch)
+            out[arch] = dict(forward=fwd.shared_bytes, backward=bwd.shared_bytes)
+        small = ti._smaller_config("forward", cfg)
+        out["fallback"] = compile_kernels(small, num_channels=512, dtype=torch.bfloat16,
+                                          arch=86)[0].shared_bytes
+        print(json.dumps(dict(out, resident=cfg.resident_rows, small_resident=small.resident_rows)))
+    """, env_drop=("TRITON_INTERPRET",))
+    from kernels.compile_report import SHARED_LIMIT_KIB
+
+    assert result["resident"] and not result["small_resident"]
+    fits = {arch: {k: v <= SHARED_LIMIT_KIB[int(arch)] * 1024 for k, v in result[arch].items()}
+            for arch in ("80", "86", "90")}
+    assert fits == {"80": {"forward": True, "backward": True},
+                    "86": {"forward": False, "backward": True},
+                    "90": {"forward": True, "backward": True}}, result
+    assert result["fallback"] <= SHARED_LIMIT_KIB[86] * 1024, result
 
 
 @pytest.mark.slow
