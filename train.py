@@ -203,6 +203,18 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def check_amp(cfg: Config, device: torch.device) -> None:
+    """`train.amp` trains in bfloat16, which needs compute capability 8.0 or newer (A100, RTX 30
+    and later): older GPUs emulate it slowly and the Triton kernels cannot compile it for them."""
+    if device.type != "cuda" or not cfg.train.amp:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ConfigError(f"train.amp trains in bfloat16, which {torch.cuda.get_device_name(device)} "
+                          f"(compute capability {major}.{minor}) lacks: it needs 8.0 or newer (A100, "
+                          "RTX 30 and later); set --train.amp=false to train in float32")
+
+
 def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.Module,
                teacher: Optional[torch.nn.Module], imnet: Optional[torch.nn.Module], step: UDAStep,
                optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device,
@@ -341,6 +353,7 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    check_amp(cfg, device)
     if cfg.experiment.threads is not None:
         torch.set_num_threads(cfg.experiment.threads)
     out = output_dir(cfg)

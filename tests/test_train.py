@@ -264,6 +264,19 @@ def test_train_step_updates_the_teacher_by_ema_and_rejects_nan(tmp_path):
         train.train_step(it=7, **dict(kw, step=NaNStep()))
 
 
+def test_amp_needs_a_gpu_with_bfloat16(tmp_path, monkeypatch):
+    cfg = load_experiment(None, tiny_overrides(tmp_path))
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.raises(ConfigError, match=r"Tesla V100 \(compute capability 7\.0\) lacks.*--train\.amp=false"):
+        train.check_amp(cfg, gpu)
+    train.check_amp(load_experiment(None, tiny_overrides(tmp_path, "--train.amp=false")), gpu)
+    train.check_amp(cfg, torch.device("cpu"))  # the CPU never autocasts
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    train.check_amp(cfg, gpu)
+
+
 def test_schedule_is_linear_warmup_then_poly():
     f = train.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
     assert f(0) == pytest.approx(1e-6)
