@@ -483,6 +483,20 @@ VARIANTS = {
     # pos_weight and exclusive are on.)
     "wide": lambda dtype: TritonConfig(block_m=64, block_n=64,
                                        product_precision=_bf16_product(dtype)),
+    # Candidates for GPUs other than the H200, not yet measured (bench/NOTES.md, "Other GPUs"):
+    # compiled for sm_80 / sm_86 at C = 512 bfloat16, "resident"'s 512-channel backward spills
+    # 38-39 instructions inside its loop, these two none. float32 inputs: v1's launch.
+    # "resident" with 256 gradient channels per backward program (the similarity computed twice
+    # per tile in backward instead of once, or four times in v1).
+    "resident_d256": lambda dtype: TritonConfig(block_d=256 if _resident_rows(dtype) else None,
+                                                resident_rows=_resident_rows(dtype),
+                                                product_precision=_bf16_product(dtype)),
+    # "resident" with 32-row programs: half the accumulators per program, and a resident forward
+    # of 96.5 KiB of shared memory that fits the 99 KiB of sm_86 / sm_89 (64 rows need 128.5).
+    "resident_m32": lambda dtype: TritonConfig(block_m=32 if _resident_rows(dtype) else 64,
+                                               block_d=_full_block_d(dtype),
+                                               resident_rows=_resident_rows(dtype),
+                                               product_precision=_bf16_product(dtype)),
 }
 
 

@@ -21,7 +21,7 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON_CPU, reason="needs CUDA or TRIT
 # The launch presets (kernels.triton_infonce.VARIANTS) other than v1, as impl strings
 # "triton:<name>" understood by `evaluate` ("triton" alone is the default, "resident"). Listed here
 # so that collecting the tests needs no triton import.
-VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide")
+VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide", "resident_d256", "resident_m32")
 # Launches that differ from v1's for float32 inputs. Every preset but "wide" is v1 there (the
 # bfloat16 product applies to bfloat16 inputs, which the interpreter cannot run:
 # test_triton_bf16_product_rounds_like_bfloat16 forces it on float32; the 512-channel backward and
@@ -29,7 +29,8 @@ VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide")
 # "triton:resident_rows" (v1 with resident_rows=True, see `evaluate`) runs the resident forward
 # on float32 inputs.
 FLOAT32_VARIANTS = ("triton:wide", "triton:resident_rows")
-FLOAT16_VARIANTS = ("triton:fulld", "triton:resident", "triton:wide")
+FLOAT16_VARIANTS = ("triton:fulld", "triton:resident", "triton:wide", "triton:resident_d256",
+                    "triton:resident_m32")
 
 
 def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weight=False,
@@ -439,7 +440,12 @@ def test_triton_config_resolution_and_errors():
     full = variant_config("fulld", torch.bfloat16).resolved(512, torch.bfloat16)
     assert full.block_d == 512 and full.product_precision == "bf16"
     assert variant_config("fulld", torch.float32).resolved(512, torch.float32).block_d == 128
-    assert variant_config("resident", torch.float32) == TritonConfig()  # float32: v1's launch
+    for name in ("resident", "resident_d256", "resident_m32"):
+        assert variant_config(name, torch.float32) == TritonConfig()  # float32: v1's launch
+    d256 = variant_config("resident_d256", torch.bfloat16).resolved(512, torch.bfloat16)
+    m32 = variant_config("resident_m32", torch.float16).resolved(512, torch.float16)
+    assert (d256.block_m, d256.block_d, d256.resident_rows) == (64, 256, True)
+    assert (m32.block_m, m32.block_d, m32.resident_rows) == (32, 512, True)
     assert variant_config("resident", torch.float16).resolved(256, torch.float16).resident_rows
     assert TritonConfig(num_stages=2).launch_options() == {"num_warps": 8, "num_stages": 2}
     for bad, error in ((dict(block_m=48), ValueError), (dict(block_d=8), ValueError),
