@@ -128,6 +128,23 @@ def test_family_runs_under_bfloat16_autocast(tmp_path, family, monkeypatch):
     assert {v.dtype for v in state["student"].values() if v.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.parametrize("family", ["daformer_cluda", "hrda_cluda"])
+def test_triton_op_in_the_training_loop_matches_the_torch_path(tmp_path, family):
+    """The GPU's loss path (the fused Triton kernels, under the interpreter here) inside the real
+    loop, HRDA's LR + HR call with exclusive pixels and learned weights included: the same loss
+    terms as the tiled torch path to float32 rounding."""
+    overrides = FAMILIES[family][0] + ["--train.max_iters=2", "--uda.start_iter=1"]
+    logs = {}
+    for impl in ("torch", "triton"):
+        run(tmp_path / impl, *overrides, f"--cl.impl={impl}")
+        logs[impl] = read_csv(tmp_path / impl / "run" / "log.csv")
+    for a, b in zip(logs["torch"], logs["triton"]):
+        for term in ("src.cl", "mix.cl", "src.ce", "mix.ce"):
+            if a[term] or b[term]:
+                assert float(b[term]) == pytest.approx(float(a[term]), rel=1e-4, abs=1e-6), (term, a, b)
+    assert logs["triton"][-1]["mix.cl"] != ""
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backend_settings_hold_for_the_run_and_are_restored(tmp_path, monkeypatch, deterministic):
     """experiment.deterministic: cuDNN autotuning (the default) or deterministic algorithms during
