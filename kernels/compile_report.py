@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"sm_{args.arch}, C={args.channels}, {args.dtype}, optional inputs: {args.inputs}, "
           f"triton {triton.__version__}")
     limit = SHARED_LIMIT_KIB.get(args.arch)
-    print(f"{'variant':<10} {'kernel':<8} {'regs':>4} {'spill st/ld B':>13} {'in loops':>8} "
+    print(f"{'variant':<14} {'kernel':<8} {'regs':>4} {'spill st/ld B':>13} {'in loops':>8} "
           f"{'smem KiB':>8} {'fits':>4}  matrix ops   (shared memory limit of sm_{args.arch}: "
           f"{'unknown' if limit is None else f'{limit} KiB'})")
     for name in args.variants.split(","):
@@ -217,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  dtype=dtype, arch=args.arch, has_weight=every,
                                  has_exclusive=every, need_du=every):
             ops = ", ".join(f"{k} {v}" for k, v in r.matrix_ops.items()) or "-"
-            print(f"{name:<10} {r.kernel:<8} {r.registers:>4} "
+            print(f"{name:<14} {r.kernel:<8} {r.registers:>4} "
                   f"{f'{r.spill_stores}/{r.spill_loads}':>13} "
                   f"{'-' if r.loop_spills is None else r.loop_spills:>8} "
                   f"{r.shared_bytes / 1024:>8.1f} "
