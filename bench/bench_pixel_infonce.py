@@ -727,14 +727,14 @@ def variants_summary(run: Sequence[Dict[str, str]]) -> str:
         return "no launch-variant rows in this run"
     lines = ["== launch variants (kernels.triton_infonce.VARIANTS): medians in ms, fwd+bwd "
              "TFLOP/s and % of the matmul rate, peak MiB of fwd+bwd",
-             f"{'variant':<16} {'N':>8} {'C':>4} {'dtype':<9} {'fwd':>9} {'bwd':>9} "
+             f"{'variant':<21} {'N':>8} {'C':>4} {'dtype':<9} {'fwd':>9} {'bwd':>9} "
              f"{'fwd+bwd':>9} {'TFLOP/s':>8} {'%mm':>6} {'MiB':>7} {'det':>4}  status"]
     verdicts = []
     for (provider_n_c_d, passes) in _cells(rows).items():
         provider, n, c, dtype = provider_n_c_d
         full = passes.get("full")
         share = _f(full, "share_of_matmul") if full else None
-        lines.append(f"{provider:<16} {n:>8} {c:>4} {dtype:<9} {_ms(passes.get('fwd')):>9} "
+        lines.append(f"{provider:<21} {n:>8} {c:>4} {dtype:<9} {_ms(passes.get('fwd')):>9} "
                      f"{_ms(passes.get('bwd')):>9} {_ms(full):>9} "
                      f"{(full or {}).get('tflops') or '-':>8} "
                      f"{'-' if share is None else f'{100 * share:.1f}':>6} {_mib(full):>7} "
