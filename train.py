@@ -429,7 +429,10 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
     t_last = time.time()
     stop = max_iters if stop_at is None else min(max_iters, stop_at)
     batches = iter(loader)
-    bar = tqdm(total=stop, initial=start_iter, disable=not main_proc, desc="train", dynamic_ncols=True)
+    # Redrawn 10 times a second on a terminal; once a minute into a log file (a batch job's
+    # output), where every redraw is appended: a 40k-iteration run would write tens of MB.
+    bar = tqdm(total=stop, initial=start_iter, disable=not main_proc, desc="train", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 60.0)
     for it in range(start_iter, stop):
         t_data = time.time()
         batch = next(batches)
