@@ -103,10 +103,21 @@ if [ "$DRY_RUN" = 0 ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda
   exit 3
 fi
 
+# run_step LOG LIMIT_S KILL_AFTER_S TAIL_LINES CMD...: CMD under a hard time limit (SIGTERM, then
+# SIGKILL after KILL_AFTER_S), its output in $LOGS/LOG.log, the last TAIL_LINES lines shown;
+# returns CMD's exit code (124 / 137 when stopped).
+run_step() {
+  local log="$LOGS/$1.log" limit="$2" kill_after="$3" lines="$4"
+  shift 4
+  timeout --signal=TERM --kill-after="$kill_after" "$limit" "$@" > "$log" 2>&1
+  local rc=$?
+  tail -n "$lines" "$log"
+  return $rc
+}
+
 # ---- 2. GPU-marked tests -------------------------------------------------------------------
 echo "== pytest -m gpu ($TESTS, at most ${TEST_TIMEOUT}s)"
-timeout --signal=TERM --kill-after=15 "$TEST_TIMEOUT" \
-  "$PY" -m pytest -m gpu -q -p no:cacheprovider "$TESTS" > "$LOGS/pytest_gpu.log" 2>&1
+run_step pytest_gpu "$TEST_TIMEOUT" 15 15 "$PY" -m pytest -m gpu -q -p no:cacheprovider "$TESTS"
 TEST_RC=$?
 case $TEST_RC in
   0) TEST_RESULT="passed" ;;
@@ -114,18 +125,15 @@ case $TEST_RC in
   124|137) TEST_RESULT="stopped after ${TEST_TIMEOUT}s" ;;
   *) TEST_RESULT="FAILED (exit $TEST_RC)" ;;
 esac
-tail -n 15 "$LOGS/pytest_gpu.log"
 
 # ---- 3. training steps -----------------------------------------------------------------------
 TRAIN_RC=0
 if [ "$TRAIN_BUDGET_S" != 0 ]; then
   if [ "$DRY_RUN" = 1 ]; then TRAIN=(--quick); else TRAIN=(--budget-s "$TRAIN_BUDGET_S"); fi
   echo "== bench.train_steps ${TRAIN[*]} ${TRAIN_ARGS[*]:-} (stopped at ${TRAIN_HARD_LIMIT_S}s)"
-  timeout --signal=TERM --kill-after=20 "$TRAIN_HARD_LIMIT_S" \
-    "$PY" -m bench.train_steps "${TRAIN[@]}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUT" \
-    > "$LOGS/train_steps.log" 2>&1
+  run_step train_steps "$TRAIN_HARD_LIMIT_S" 20 3 \
+    "$PY" -m bench.train_steps "${TRAIN[@]}" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUT"
   TRAIN_RC=$?
-  tail -n 3 "$LOGS/train_steps.log"
 fi
 
 # ---- 4. launch variants (optional) ---------------------------------------------------------
@@ -133,11 +141,10 @@ fi
 VARIANTS_RC=0
 if [ "$VARIANTS" != none ]; then
   echo "== bench.bench_pixel_infonce --variants $VARIANTS ${VARIANT_ARGS[*]} (stopped at ${VARIANTS_HARD_LIMIT_S}s)"
-  timeout --signal=TERM --kill-after=20 "$VARIANTS_HARD_LIMIT_S" \
+  run_step variants "$VARIANTS_HARD_LIMIT_S" 20 3 \
     "$PY" -m bench.bench_pixel_infonce --variants "$VARIANTS" "${VARIANT_ARGS[@]}" \
-    --budget-s "$VARIANTS_BUDGET_S" --out "$OUT" > "$LOGS/variants.log" 2>&1
+    --budget-s "$VARIANTS_BUDGET_S" --out "$OUT"
   VARIANTS_RC=$?
-  tail -n 3 "$LOGS/variants.log"
 fi
 
 # ---- 5. benchmark sweep ----------------------------------------------------------------------
@@ -145,11 +152,9 @@ BENCH_RC=0
 if [ "$BUDGET_S" != 0 ]; then
   if [ "$DRY_RUN" = 1 ]; then SWEEP=(--quick); else SWEEP=(--budget-s "$BUDGET_S"); fi
   echo "== bench.bench_pixel_infonce ${SWEEP[*]} ${EXTRA_ARGS[*]:-} (stopped at ${HARD_LIMIT_S}s)"
-  timeout --signal=TERM --kill-after=30 "$HARD_LIMIT_S" \
-    "$PY" -m bench.bench_pixel_infonce "${SWEEP[@]}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} --out "$OUT" \
-    > "$LOGS/bench.log" 2>&1
+  run_step bench "$HARD_LIMIT_S" 30 5 \
+    "$PY" -m bench.bench_pixel_infonce "${SWEEP[@]}" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} --out "$OUT"
   BENCH_RC=$?
-  tail -n 5 "$LOGS/bench.log"
 fi
 
 # ---- 6. the short tables, last ---------------------------------------------------------------
