@@ -12,9 +12,9 @@ Per case: seconds per iteration (median and 20 / 80 % quantiles over the log win
 first, which holds cuDNN / Triton warm-up), of which the median time waiting for the data loader
 (`train.py` logs it; the synthetic scenes are drawn on the CPU by `data.workers` processes, so a
 data time near the s/it means the loader, not the device, sets the pace), the first window's
-seconds per iteration, and peak
-memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak RSS of the process so far, which only
-grows). An OOM or a failure is recorded as the case's status, not a crash.
+seconds per iteration, and peak memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak RSS of
+the process so far, which only grows). An OOM or a failure is recorded as the case's status, not a
+crash.
 
 Usage (from the repository root):
     python -m bench.train_steps                    # the GPU cases below, 25 iterations each
