@@ -26,6 +26,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from cluda import runs
 from cluda.config import ConfigError, save_yaml, to_dict
 from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
 from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
@@ -228,6 +230,9 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     if teacher is not None and step.target_active(it):
         # DAFormer: at the first self-training iteration alpha is 0, i.e. the teacher is a copy.
         ema_update(teacher, student, ema_alpha(it - step.start_iter, cfg.uda.ema_alpha))
+    # The forward moves BatchNorm statistics; a skipped step puts them back (a NaN forward would
+    # otherwise leave NaN statistics behind). A copy of the buffers is small next to the weights.
+    buffers = [b.detach().clone() for b in student.buffers()]
     src, tgt = batch["source"], batch["target"]
     src_img = src["img"].to(device, non_blocking=True)
     src_label = src["label"].to(device, non_blocking=True)
@@ -236,22 +241,43 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
         result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet)
     loss = sum(result.losses.values())
     finite = torch.isfinite(loss.detach()).float()
-    if world > 1:  # every rank stops together rather than waiting in the gradient all-reduce
+    if world > 1:  # every rank decides together rather than waiting in the gradient all-reduce
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    optimizer.zero_grad(set_to_none=True)
+    problem = None
     if not bool(finite):
         terms = {k: v.detach().item() for k, v in result.losses.items()}
-        raise FloatingPointError(f"non-finite loss at iteration {it} (rank {rank}): {terms}")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+        problem = f"non-finite loss at iteration {it} (rank {rank}): {terms}"
+    else:
+        loss.backward()
+        # The gradient norm (clipped or not) is one reduction: a NaN / inf anywhere shows in it.
+        # After DDP's all-reduce every rank holds the same gradients, so all decide alike.
+        params = [p for p in student.parameters() if p.grad is not None]
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not bool(torch.isfinite(norm)):
+            bad = [n for n, p in student.named_parameters()
+                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            problem = (f"non-finite gradients at iteration {it} (rank {rank}) in {len(bad)} "
+                       f"parameter(s): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if problem is None:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for buf, saved in zip(student.buffers(), buffers):
+                buf.copy_(saved)
+        if cfg.train.nonfinite == "stop":
+            raise FloatingPointError(f"{problem}; stopped without saving (train.nonfinite: stop)")
+        # "skip": the weights stay as they are; the schedule goes on with the iteration count
+        warnings.warn(f"{problem}; step skipped (train.nonfinite: skip)", RuntimeWarning, stacklevel=2)
     scheduler.step()
     logs = {k: v.detach().item() for k, v in result.losses.items()}
     logs["loss"] = loss.detach().item()
     logs.update(result.stats)
     logs["lr"] = lr
+    logs["skipped"] = float(problem is not None)
     return logs
 
 
@@ -303,12 +329,14 @@ def build_optimizer(cfg: Config, model: torch.nn.Module):
 
 
 def checkpoint(path: str, *, cfg: Config, it_next: int, student, teacher, optimizer, scheduler,
-               best: Dict) -> None:
+               best: Dict, evaluated: bool = True) -> None:
+    """Save the training state after `it_next` iterations. `evaluated`: False when the file is
+    written before that iteration's evaluation (a resume runs it first)."""
     save_checkpoint(path, {
         "config": to_dict(cfg), "iteration": it_next, "student": student.state_dict(),
         "teacher": None if teacher is None else teacher.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": rng_states(), "best": best})
+        "rng": rng_states(), "best": best, "evaluated": evaluated})
 
 
 @contextlib.contextmanager
@@ -332,23 +360,65 @@ def backend_settings(cfg: Config):
         torch.use_deterministic_algorithms(old[2], warn_only=old[3])
 
 
-def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None) -> Dict:
+def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None,
+          overwrite: bool = False, allow_changes: bool = False) -> Dict:
     """Run (or resume) the experiment `cfg` (under `backend_settings`).
 
     Args:
         cfg: the checked config.
         resume: a checkpoint to continue from ("auto": `<out>/latest.pt`).
         stop_at: stop (and save `latest.pt`) once this many iterations are done.
+        overwrite: the run folder may hold a run, whose outputs are replaced.
+        allow_changes: a resume may change keys beyond run control (`cluda.runs.FREE_ON_RESUME`).
 
     Returns:
         {"out_dir", "iteration" (done), "metrics" (last evaluation, by protocol), "best",
         "student", "teacher"} (the last two are the unwrapped modules).
     """
+    if resume is not None and overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: resume continues the run "
+                          "in the folder, overwrite replaces it")
     with backend_settings(cfg):
-        return _train(cfg, resume=resume, stop_at=stop_at)
+        return _train(cfg, resume=resume, stop_at=stop_at, overwrite=overwrite,
+                      allow_changes=allow_changes)
 
 
-def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dict:
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, state: Dict, start_iter: int) -> None:
+    """Load the optimiser's moments from a checkpoint but keep the hyperparameters of the
+    current config (lr, betas, weight decay: `load_state_dict` would bring back the stored ones),
+    and put the schedule, a pure function of the iteration, at `start_iter` under the current
+    `train.max_iters`. With an unchanged config this is exactly the stored state."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper)
+    scheduler.last_epoch = start_iter
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(start_iter)  # what LambdaLR.step() computes
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def check_resume(cfg: Config, stored: Config, *, path: str, allow_changes: bool,
+                 start_iter: int) -> Dict:
+    """The config changes of a resume ({key: (stored, new)}); raises ConfigError for changes that
+    need --allow-changes without it, and for a schedule that already ended."""
+    changes = runs.config_changes(to_dict(stored), to_dict(cfg))
+    gated = runs.needs_permission(changes)
+    if gated and not allow_changes:
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs from the checkpoint's in "
+            f"{runs.describe(changes, gated)}; add --allow-changes to resume with them (they apply "
+            f"from iteration {start_iter + 1}; the previous config is kept as "
+            f"{runs.history_name(start_iter)}), or start a new run (another experiment.name, or "
+            "--overwrite)")
+    if start_iter > cfg.train.max_iters:
+        raise ConfigError(f"cannot resume from {path}: it has done {start_iter} iterations, more than "
+                          f"train.max_iters {cfg.train.max_iters}")
+    return changes
+
+
+def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int], overwrite: bool,
+           allow_changes: bool) -> Dict:
     rank, world, local_rank = setup_distributed()
     device = resolve_device(cfg, local_rank)
     if device.type == "cuda":
@@ -358,9 +428,22 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         torch.set_num_threads(cfg.experiment.threads)
     out = output_dir(cfg)
     main_proc = rank == 0
-    if main_proc:
-        os.makedirs(out, exist_ok=True)
-        save_yaml(to_dict(cfg), os.path.join(out, "config.yaml"))
+    # Refuse a folder that holds a run (or that another process trains in) before any work;
+    # nothing is written into it until every start-up check below has passed.
+    folder = runs.RunFolder(out, resume=resume is not None, overwrite=overwrite) if main_proc else None
+    try:
+        return _run(cfg, folder=folder, resume=resume, stop_at=stop_at, allow_changes=allow_changes,
+                    rank=rank, world=world, device=device)
+    finally:
+        if folder is not None:
+            folder.release()
+
+
+def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str],
+         stop_at: Optional[int], allow_changes: bool, rank: int, world: int,
+         device: torch.device) -> Dict:
+    out = output_dir(cfg)
+    main_proc = rank == 0
     max_iters = cfg.train.max_iters
     main_metric = f"mIoU{cfg.eval.protocols[0]}"
 
@@ -381,23 +464,27 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
                                       find_unused_parameters=unused)
 
     start_iter, best = 0, {"metric": main_metric, "value": -1.0, "iteration": -1}
+    changes: Dict = {}
+    pending_eval = False
     if resume is not None:
         path = os.path.join(out, "latest.pt") if resume == "auto" else resume
         state = load_checkpoint(path, map_location=device)
         stored = config_from_checkpoint(state, path=path)
-        if stored.model != cfg.model:
-            raise ConfigError(f"cannot resume from {path}: its model section differs from the config's")
+        start_iter = int(state["iteration"])
+        changes = check_resume(cfg, stored, path=path, allow_changes=allow_changes, start_iter=start_iter)
         load_state_checked(student, state["student"], what=f"checkpoint {path} (student)")
         if teacher is not None and state.get("teacher") is not None:
             load_state_checked(teacher, state["teacher"], what=f"checkpoint {path} (teacher)")
         elif teacher is not None:  # a source-only checkpoint: start the teacher from its student
             teacher.load_state_dict(student.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        restore_optimizer(optimizer, scheduler, state, start_iter)
         set_rng_states(state["rng"])
-        start_iter, best = int(state["iteration"]), dict(state.get("best") or best)
-        if main_proc:
-            print(f"resumed from {path} at iteration {start_iter}")
+        best = dict(state.get("best") or best)
+        # Saved before an evaluation that did not finish (it failed, or the run was killed).
+        pending_eval = state.get("evaluated") is False
+    if stop_at is not None and stop_at <= start_iter:
+        raise ConfigError(f"--stop-at {stop_at}: the run has already done {start_iter} iterations; "
+                          "give a later iteration")
 
     # ---- data ----
     train_data = build_train_dataset(cfg, length=max_iters * cfg.data.batch_size * world)
@@ -407,14 +494,37 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
                                        rank=rank, world=world),
         generator=torch.Generator(), persistent_workers=False)
     val_data = build_val_dataset(cfg)
+    if main_proc:
+        check_val_data(val_data, cfg)
 
-    # ---- logs ----
+    # ---- every check passed: record the run ----
     terms = step.term_names()
     train_log = eval_log = tb = None
     if main_proc:
+        if resume is None:
+            cleared = folder.clear()
+            if cleared:
+                print(f"--overwrite: removed the previous run's {', '.join(cleared)} from {out}")
+        elif changes:
+            previous = os.path.join(out, "config.yaml")
+            kept = os.path.join(out, runs.history_name(start_iter))
+            if os.path.isfile(previous) and not os.path.exists(kept):  # what ran until start_iter
+                os.replace(previous, kept)
+        if folder.removed_temporaries:
+            print(f"removed {len(folder.removed_temporaries)} stale temporary file(s) of a killed "
+                  f"run from {out}")
+        save_yaml(to_dict(cfg), os.path.join(out, "config.yaml"))
+        if resume is not None:
+            print(f"resumed from {path} at iteration {start_iter}")
+            if changes:
+                print(f"config changes from iteration {start_iter + 1}: {runs.describe(changes)}; "
+                      f"the previous config is kept as {runs.history_name(start_iter)}")
+            if "train.max_iters" in changes:
+                print(f"the learning-rate schedule is rebuilt for {max_iters} iterations: lr "
+                      f"{optimizer.param_groups[0]['lr']:.3g} at iteration {start_iter + 1}")
         stat_cols = ["gamma", "pasted"] if step.self_training else []
         train_log = CSVLog(os.path.join(out, "log.csv"),
-                           terms + ["loss"] + stat_cols + ["lr", "data_sec_per_it", "sec_per_it"],
+                           terms + ["loss"] + stat_cols + ["lr", "skipped", "data_sec_per_it", "sec_per_it"],
                            keep_until=start_iter)
         eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
         eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
@@ -422,8 +532,35 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         print(f"{type(student).__name__} ({cfg.model.backbone}), {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M "
               f"parameters, device {device}, {world} process(es); terms: {', '.join(terms)}; outputs in {out}")
 
+    def save(name: str, it_next: int, *, evaluated: bool = True) -> None:
+        checkpoint(os.path.join(out, name), cfg=cfg, it_next=it_next, student=student, teacher=teacher,
+                   optimizer=optimizer, scheduler=scheduler, best=best, evaluated=evaluated)
+
+    def run_evaluation(done: int) -> Dict[int, Dict]:
+        nonlocal best
+        result = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
+        value = result[cfg.eval.protocols[0]]["mIoU"]
+        if main_proc:
+            if value > best["value"]:
+                best = {"metric": main_metric, "value": value, "iteration": done}
+                write_metrics(result[cfg.eval.protocols[0]], out, "val_best")
+                save("best.pt", done)
+            eval_log.append(done, eval_row(result))
+            write_metrics(result[cfg.eval.protocols[0]], out, "val_latest")
+            if tb is not None:
+                tb.add_scalar(f"val/{main_metric}", value, done)
+            tqdm.write(f"iteration {done}: target {main_metric} {100 * value:.2f}")
+            plot_curves(train_log, eval_log, os.path.join(out, "curves.png"), main_metric=main_metric)
+        return result
+
     # ---- the loop ----
     metrics: Dict[int, Dict] = {}
+    if pending_eval:  # the evaluation the checkpoint was saved for, before training goes on
+        if world > 1:
+            broadcast_buffers(student)
+        metrics = run_evaluation(start_iter)
+        if main_proc:
+            save("latest.pt", start_iter)
     window: Dict[str, List[float]] = {}
     smooth: Dict[str, float] = {}
     t_last = time.time()
@@ -449,6 +586,7 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
 
         if main_proc and (done % cfg.train.log_interval == 0 or done == stop):
             row = {k: sum(v) / len(v) for k, v in window.items()}
+            row["skipped"] = sum(window["skipped"])  # steps skipped in the interval, not a mean
             row["sec_per_it"] = (time.time() - t_last) / len(window["loss"])
             train_log.append(done, row)
             if tb is not None:
@@ -460,26 +598,16 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         save_now = done == stop or (cfg.train.checkpoint_interval and done % cfg.train.checkpoint_interval == 0)
         if world > 1 and (evaluate_now or save_now):
             broadcast_buffers(student)
-        if evaluate_now:
-            metrics = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
-            value = metrics[cfg.eval.protocols[0]]["mIoU"]
-            if main_proc:
-                eval_log.append(done, eval_row(metrics))
-                write_metrics(metrics[cfg.eval.protocols[0]], out, "val_latest")
-                if tb is not None:
-                    tb.add_scalar(f"val/{main_metric}", value, done)
-                bar.write(f"iteration {done}: target {main_metric} {100 * value:.2f}")
-                if value > best["value"]:
-                    best = {"metric": main_metric, "value": value, "iteration": done}
-                    write_metrics(metrics[cfg.eval.protocols[0]], out, "val_best")
-                    checkpoint(os.path.join(out, "best.pt"), cfg=cfg, it_next=done, student=student,
-                               teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best)
-                plot_curves(train_log, eval_log, os.path.join(out, "curves.png"), main_metric=main_metric)
-            t_last = time.time()  # evaluation time is not training time
-
+        # Save before evaluating: an evaluation that fails (a corrupt validation file, out of
+        # memory) must not lose the training since the last checkpoint. A resume from this file
+        # runs the evaluation it missed ("evaluated": False) before training on.
         if main_proc and save_now:
-            checkpoint(os.path.join(out, "latest.pt"), cfg=cfg, it_next=done, student=student,
-                       teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best)
+            save("latest.pt", done, evaluated=not evaluate_now)
+        if evaluate_now:
+            metrics = run_evaluation(done)
+            if main_proc and save_now:
+                save("latest.pt", done)  # the evaluation is done, and `best` may have moved
+            t_last = time.time()  # evaluation time is not training time
     bar.close()
     if tb is not None:
         tb.close()
@@ -487,6 +615,17 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         dist.barrier()  # rank 0 has written its files
     return {"out_dir": out, "iteration": stop, "metrics": metrics, "best": best,
             "student": student, "teacher": teacher}
+
+
+def check_val_data(val_data, cfg: Config) -> None:
+    """Read every validation image and label once at start-up (real data sets; synthetic scenes
+    are generated and cannot be corrupt), so that a missing or corrupt file fails the start, not
+    the first evaluation thousands of iterations in."""
+    if cfg.data.val.kind == "synthetic":
+        return
+    loader = torch.utils.data.DataLoader(val_data, batch_size=None, num_workers=cfg.eval.workers)
+    for _ in loader:
+        pass
 
 
 def _class_names(cfg: Config) -> List[str]:
@@ -528,6 +667,14 @@ def parse_args(argv: Optional[Sequence[str]]):
                              "a CONFIG is given)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="N",
                         help="stop after N iterations and save latest.pt (resume later)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in <work_dir>/<name> (its outputs are removed once "
+                             "every start-up check has passed); without it a folder that holds a "
+                             "run is refused")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="with --resume: accept config changes beyond run control (devices, "
+                             "intervals, evaluation, train.max_iters); they apply from the resumed "
+                             "iteration and the previous config is kept as config.until_<N>.yaml")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
@@ -542,7 +689,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         cfg = load_experiment(args.config, overrides) if args.config else None
         return {"metrics": eval_only(args.eval_only, cfg, overrides)}
     cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
-    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if args.allow_changes and args.resume is None:
+        raise ConfigError("--allow-changes applies to a resume: add --resume")
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite,
+                   allow_changes=args.allow_changes)
     if result["metrics"] and (not dist.is_initialized() or dist.get_rank() == 0):
         p = cfg.eval.protocols[0]
         m = result["metrics"][p]

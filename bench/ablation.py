@@ -89,11 +89,13 @@ def run_one(method: str, seed: int, work_dir: str, extra: List[str], start_iter:
             f"--experiment.name={name}", "--train.tensorboard=false"]
     overrides, warmup = METHODS[method]
     t0 = time.time()
+    # --overwrite: a method's run folder is the harness's own; a rerun replaces it
     if warmup is None:
-        result = train.main(base + overrides + extra)
+        result = train.main(base + overrides + extra + ["--overwrite"])
     else:
-        train.main(base + warmup + extra + [f"--stop-at={start_iter}"])
-        result = train.main(base + overrides + extra + ["--resume"])
+        train.main(base + warmup + extra + [f"--stop-at={start_iter}", "--overwrite"])
+        # the method's switches differ from the warm-up's: a deliberate change on resume
+        result = train.main(base + overrides + extra + ["--resume", "--allow-changes"])
     wall = time.time() - t0
     warm = ""
     with open(Path(work_dir) / name / "eval.csv", newline="") as f:

@@ -240,13 +240,17 @@ class TrainSection:
     """max_iters: training iterations (40k in the paper). log_interval / eval_interval /
     checkpoint_interval: in iterations (0 disables periodic evaluation / checkpoints; the last
     iteration always evaluates and saves). amp: bfloat16 autocast on CUDA (ignored on the CPU).
-    tensorboard: also write TensorBoard events when the package is installed."""
+    tensorboard: also write TensorBoard events when the package is installed. nonfinite: what a
+    step with a non-finite loss or gradient does: "skip" (the weights and the optimiser's moments
+    stay as they were, a warning names the iteration and the parameters, log.csv counts it in
+    `skipped`) or "stop" (raise at once, nothing saved past the last checkpoint)."""
     max_iters: int = 40000
     log_interval: int = 50
     eval_interval: int = 4000
     checkpoint_interval: int = 4000
     amp: bool = True
     tensorboard: bool = True
+    nonfinite: Literal["skip", "stop"] = "skip"
 
 
 @dataclass
