@@ -21,6 +21,7 @@ resumed from `latest.pt` computes the same weights as one that was never stopped
 import argparse
 import contextlib
 import csv
+import math
 import os
 import random
 import resource
@@ -222,7 +223,9 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
                optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device,
                rank: int = 0, world: int = 1) -> Dict[str, float]:
     """EMA update, the loss terms of `step`, one backward pass, the optimiser and scheduler step.
-    Returns the loss terms, their sum ("loss"), the step's statistics and the encoder lr."""
+    A non-finite loss or gradient skips the optimiser step (`train.nonfinite: skip`, with a
+    warning) or raises FloatingPointError ("stop"). Returns the loss terms, their sum ("loss"),
+    the step's statistics, the encoder lr and "skipped" (1.0 for a skipped step)."""
     student.train()
     seed_iteration(cfg.experiment.seed, it, rank)
     if world > 1:
@@ -240,26 +243,28 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     with autocast(cfg, device):
         result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet)
     loss = sum(result.losses.values())
-    finite = torch.isfinite(loss.detach()).float()
-    if world > 1:  # every rank decides together rather than waiting in the gradient all-reduce
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    # The gradient norm (clipped or not) is one reduction that shows a NaN / inf anywhere. After
+    # DDP's all-reduce every rank holds the same gradients (a non-finite loss on one rank makes
+    # them non-finite on all), so every rank takes the same decision without another collective.
+    params = [p for p in student.parameters() if p.grad is not None]
+    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # One host-device synchronisation per step: the logged terms and the gradient norm together.
+    values = torch.stack([v.detach().float() for v in result.losses.values()]
+                         + [loss.detach().float(), norm.detach().float()]).tolist()
+    logs = dict(zip(result.losses, values))
+    logs["loss"], grad_norm = values[-2], values[-1]
     problem = None
-    if not bool(finite):
-        terms = {k: v.detach().item() for k, v in result.losses.items()}
+    if not math.isfinite(logs["loss"]):
+        terms = {k: logs[k] for k in result.losses}
         problem = f"non-finite loss at iteration {it} (rank {rank}): {terms}"
-    else:
-        loss.backward()
-        # The gradient norm (clipped or not) is one reduction: a NaN / inf anywhere shows in it.
-        # After DDP's all-reduce every rank holds the same gradients, so all decide alike.
-        params = [p for p in student.parameters() if p.grad is not None]
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not bool(torch.isfinite(norm)):
-            bad = [n for n, p in student.named_parameters()
-                   if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            problem = (f"non-finite gradients at iteration {it} (rank {rank}) in {len(bad)} "
-                       f"parameter(s): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
+    elif not math.isfinite(grad_norm):
+        bad = [n for n, p in student.named_parameters()
+               if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+        problem = (f"non-finite gradients at iteration {it} (rank {rank}) in {len(bad)} "
+                   f"parameter(s): {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}")
     lr = optimizer.param_groups[0]["lr"]
     if problem is None:
         optimizer.step()
@@ -273,8 +278,6 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
         # "skip": the weights stay as they are; the schedule goes on with the iteration count
         warnings.warn(f"{problem}; step skipped (train.nonfinite: skip)", RuntimeWarning, stacklevel=2)
     scheduler.step()
-    logs = {k: v.detach().item() for k, v in result.losses.items()}
-    logs["loss"] = loss.detach().item()
     logs.update(result.stats)
     logs["lr"] = lr
     logs["skipped"] = float(problem is not None)
