@@ -184,6 +184,17 @@ def plot_curves(train_log: CSVLog, eval_log: CSVLog, path: str, *, main_metric: 
     plt.close(fig)
 
 
+def peak_memory_mib(device: torch.device, *, reset: bool = False) -> float:
+    """Peak memory: on CUDA the most allocated by tensors since the last reset (`reset`: start a
+    new window), on the CPU the process's peak resident set so far (it only grows)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def open_tensorboard(out_dir: str, enabled: bool):
     if not enabled:
         return None
@@ -527,7 +538,8 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
                       f"{optimizer.param_groups[0]['lr']:.3g} at iteration {start_iter + 1}")
         stat_cols = ["gamma", "pasted"] if step.self_training else []
         train_log = CSVLog(os.path.join(out, "log.csv"),
-                           terms + ["loss"] + stat_cols + ["lr", "skipped", "data_sec_per_it", "sec_per_it"],
+                           terms + ["loss"] + stat_cols + ["lr", "skipped", "data_sec_per_it", "sec_per_it",
+                                                              "mem_mib"],
                            keep_until=start_iter)
         eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
         eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
@@ -591,6 +603,7 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
             row = {k: sum(v) / len(v) for k, v in window.items()}
             row["skipped"] = sum(window["skipped"])  # steps skipped in the interval, not a mean
             row["sec_per_it"] = (time.time() - t_last) / len(window["loss"])
+            row["mem_mib"] = peak_memory_mib(device, reset=True)
             train_log.append(done, row)
             if tb is not None:
                 for k, v in row.items():
@@ -700,7 +713,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         p = cfg.eval.protocols[0]
         m = result["metrics"][p]
         print(format_table(m))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_memory_mib(torch.device("cpu"))
         print(f"target mIoU ({p} classes): {100 * m['mIoU']:.2f} after {result['iteration']} "
               f"iterations; wall time {time.time() - t0:.0f} s, peak RSS {rss:.0f} MiB")
     return result

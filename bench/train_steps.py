@@ -1,4 +1,4 @@
-"""Training step time and memory of the paper's configurations (issue 6): what one iteration of
+"""Training step time and memory of the paper's configurations: what one iteration of
 `train.py` costs on this device, and what CLUDA's contrastive terms add to DAFormer / HRDA.
 
 Each case runs the real training loop (`train.train`: data loading, teacher pseudo-labels,
@@ -13,13 +13,19 @@ first, which holds cuDNN / Triton warm-up), of which the median time waiting for
 (`train.py` logs it; the synthetic scenes are drawn on the CPU by `data.workers` processes, so a
 data time near the s/it means the loader, not the device, sets the pace), the first window's
 seconds per iteration, and peak memory (CUDA: `torch.cuda.max_memory_allocated`; CPU: peak RSS of
-the process so far, which only grows). An OOM or a failure is recorded as the case's status, not a
-crash.
+the process so far, which only grows). On CUDA also the host-device synchronisations per step
+(`torch.cuda.set_sync_debug_mode`) and the Triton kernels compiled after the first window. An OOM
+or a failure is recorded as the case's status, not a crash.
+
+The inference case (`eval_hrda_slide`) times one 1024 x 2048 image through the config's
+evaluation mode. `--stability N` trains HRDA + CLUDA for N iterations and checks the run: every
+term finite, the loss going down, the per-window peak memory flat after iteration 50.
 
 Usage (from the repository root):
     python -m bench.train_steps                    # the GPU cases below, 25 iterations each
     python -m bench.train_steps --cases daformer,daformer_cluda --iters 20
     python -m bench.train_steps --quick            # the demo config made tiny, CPU, < 1 min
+    python -m bench.train_steps --cases hrda --stability 300    # one case and the stability run
     python -m bench.train_steps --report-only      # rebuild the Markdown from the CSV
     python -m bench.train_steps --merge OTHER.csv  # add another run's rows (a GPU's)
 
@@ -27,15 +33,16 @@ Rows are appended to OUT/train_steps.csv (device, date, git revision; default OU
 and OUT/train_steps.md is rebuilt from the whole CSV.
 """
 import argparse
+import math
 import os
-import resource
+import statistics
 import sys
 import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,9 +76,25 @@ QUICK_CASES = {
 QUICK_OVERRIDES = ("--data.crop_size=[64,64]", "--data.batch_size=2", "--experiment.device=cpu",
                    "--experiment.threads=1", "--uda.start_iter=0", "--cl.impl=torch")
 
+# The evaluation case: one image of Cityscapes' full size through the config's inference
+# (HRDA: sliding HR windows fused with the LR view), timed after a warm-up call.
+EVAL_CASES = {
+    "eval_hrda_slide": ("configs/gta2cs_hrda_cluda.yaml", (), (1024, 2048),
+                        "HRDA + CLUDA inference of one 1024 x 2048 image (eval.mode slide)"),
+}
+QUICK_EVAL_CASES = {
+    "eval_demo_tiny": ("configs/demo.yaml", ("--eval.mode=slide", "--eval.crop_size=[64,64]",
+                                             "--eval.stride=[32,32]"), (64, 128),
+                       "demo config, sliding-window inference of one 64 x 128 image"),
+}
+# --stability N: the HRDA + CLUDA config trained N iterations on the synthetic scenes at full size.
+STABILITY_CASE = "hrda_cluda"
+STABILITY_SETTLE_ITER = 50  # memory must not grow after this iteration
+
 COLUMNS = ("date", "device", "git_rev", "torch", "case", "config", "overrides", "crop", "batch",
            "iters", "windows", "sec_per_it", "p20_s", "p80_s", "data_s", "first_window_sec_per_it",
-           "peak_mem_mib", "mem_kind", "status", "note")
+           "peak_mem_mib", "mem_kind", "mem_growth_mib", "syncs_per_it", "late_compiles", "status",
+           "note")
 CSV_NAME, MD_NAME = "train_steps.csv", "train_steps.md"
 
 
@@ -93,15 +116,85 @@ def synthetic_overrides(config: str, *, iters: int, log_interval: int, workers: 
     return out
 
 
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def triton_compiled() -> Optional[int]:
+    """How many compiled kernels the pixel InfoNCE Triton functions hold (None where nothing is
+    compiled: no Triton, or the CPU interpreter). A count that still grows after the first
+    iterations means the varying pixel count N recompiles the kernels."""
+    try:
+        from kernels import triton_infonce
+    except ImportError:
+        return None
+    total, found = 0, False
+    for obj in vars(triton_infonce).values():
+        fn = obj
+        while fn is not None and not hasattr(fn, "device_caches"):
+            fn = getattr(fn, "fn", None)  # autotuners and heuristics wrap the JITFunction
+        if fn is None:
+            continue
+        found = True
+        total += sum(len(entry[0]) for entry in fn.device_caches.values())
+    return total if found else None
+
+
+class StepProbe:
+    """Wraps `train.train_step` for one case: on CUDA it counts the host-device synchronisations
+    of each step (`torch.cuda.set_sync_debug_mode("warn")` turns each into a warning) and notes the
+    Triton kernel count after the warm-up iterations, so that later compilations show."""
+
+    def __init__(self, step_fn, device: torch.device, *, warmup: int) -> None:
+        self.step_fn, self.device, self.warmup = step_fn, device, warmup
+        self.calls, self.syncs, self.compiled_after_warmup = 0, [], None
+
+    def __call__(self, **kw):
+        self.calls += 1
+        if self.calls == self.warmup + 1:
+            self.compiled_after_warmup = triton_compiled()
+        if self.device.type != "cuda" or self.calls <= self.warmup:
+            return self.step_fn(**kw)
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                logs = self.step_fn(**kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        self.syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        return logs
+
+    def late_compiles(self) -> Optional[int]:
+        now = triton_compiled()
+        if now is None or self.compiled_after_warmup is None:
+            return None
+        return now - self.compiled_after_warmup
+
+
+def stability_verdict(windows: Sequence[Dict[str, str]], *, settle_iter: int) -> Tuple[str, str, float]:
+    """(status, note, memory growth in MiB) of a long run's log windows: every term finite and
+    no step skipped, the loss lower in the last third of the windows than in the first, and the
+    per-window peak memory after `settle_iter` no higher than at the first window after it."""
+    problems = []
+    losses = [float(w["loss"]) for w in windows]
+    if not all(math.isfinite(v) for v in losses) or any(float(w.get("skipped") or 0) for w in windows):
+        problems.append("non-finite loss or skipped steps")
+    third = max(1, len(losses) // 3)
+    first, last = statistics.mean(losses[:third]), statistics.mean(losses[-third:])
+    if not last < first:
+        problems.append(f"loss not going down ({first:.3f} -> {last:.3f})")
+    mem = [float(w["mem_mib"]) for w in windows if int(w["iteration"]) > settle_iter and w.get("mem_mib")]
+    growth = max(mem) - mem[0] if mem else math.nan
+    if mem and growth > max(64.0, 0.01 * mem[0]):
+        problems.append(f"memory grows by {growth:.0f} MiB after iteration {settle_iter}")
+    note = f"loss {first:.3f} -> {last:.3f} (first / last third of the windows)"
+    return ("ok" if not problems else "unstable: " + "; ".join(problems)), note, growth
 
 
 def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_interval: int,
-             workers: int, base_row: Dict[str, object], common: Sequence[str] = ()) -> Dict[str, object]:
-    """Train `iters` iterations of one case and return its row (status "ok" or what went wrong)."""
+             workers: int, base_row: Dict[str, object], common: Sequence[str] = (),
+             stability: bool = False) -> Dict[str, object]:
+    """Train `iters` iterations of one case and return its row (status "ok" or what went wrong).
+    `stability`: judge the run with `stability_verdict` instead of reporting "ok"."""
     import train  # the repository root's train.py (cwd or the path set above)
 
     row = dict(base_row, case=name, config=config, overrides=" ".join(list(common) + list(extra)),
@@ -118,7 +211,12 @@ def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_in
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            out_dir = train.train(cfg, stop_at=iters)["out_dir"]  # the networks are freed here
+            probe = StepProbe(train.train_step, device, warmup=min(log_interval, iters - 1))
+            train.train_step = probe
+            try:
+                out_dir = train.train(cfg, stop_at=iters)["out_dir"]  # the networks are freed here
+            finally:
+                train.train_step = probe.step_fn
             windows = read_rows(Path(out_dir) / "log.csv")
             secs = [float(w["sec_per_it"]) for w in windows]
             data = [float(w["data_sec_per_it"]) for w in windows]
@@ -129,13 +227,64 @@ def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_in
             row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {str(exc)[:120]}"
             return row
     row.update(windows=len(secs), first_window_sec_per_it=f"{secs[0]:.4g}",
-               peak_mem_mib=f"{_peak_mib(device):.0f}",
+               peak_mem_mib=f"{max(float(w['mem_mib']) for w in windows):.0f}",  # train.py resets per window
                mem_kind="cuda max allocated" if device.type == "cuda" else "peak RSS")
     t = timing_from_samples(secs[1:] or secs, "log windows")  # quantiles in ms
     d = timing_from_samples(data[1:] or data, "log windows")
     row.update(sec_per_it=f"{t.median_ms / 1e3:.4g}", p20_s=f"{t.p20_ms / 1e3:.4g}",
                p80_s=f"{t.p80_ms / 1e3:.4g}", data_s=f"{d.median_ms / 1e3:.4g}",
                status="ok", note="" if secs[1:] else "one log window: includes warm-up")
+    if probe.syncs:
+        row["syncs_per_it"] = f"{statistics.median(probe.syncs):g}"
+    late = probe.late_compiles()
+    row["late_compiles"] = "" if late is None else late
+    if stability:
+        status, note, growth = stability_verdict(windows, settle_iter=STABILITY_SETTLE_ITER)
+        row.update(status=status, note=note, mem_growth_mib="" if math.isnan(growth) else f"{growth:.0f}")
+    return row
+
+
+def run_eval_case(name: str, config: str, extra: Sequence[str], size: Tuple[int, int], *,
+                  base_row: Dict[str, object], common: Sequence[str] = (), reps: int = 3) -> Dict[str, object]:
+    """Time the config's inference (`eval.mode`, test-time augmentation as configured) on one
+    image of `size` (a random image: the time does not depend on its content): a warm-up call,
+    then the median of `reps` calls, and the peak memory. Returns its row."""
+    from cluda.experiment import build_model, make_predict_fn
+    from train import autocast, peak_memory_mib
+
+    given = ["--model.pretrained=null"] + list(common) + list(extra)
+    row = dict(base_row, case=name, config=config, overrides=" ".join(given), iters=reps,
+               crop="x".join(map(str, size)), batch=1, status="", note="")
+    try:
+        cfg = load_experiment(str(REPO_ROOT / config), given)
+        device = resolve_device(cfg, 0)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model = build_model(cfg).to(device).eval()
+        predict = make_predict_fn(model, cfg)
+        img = torch.randn(1, 3, *size, device=device)
+        secs = []
+        with torch.no_grad(), autocast(cfg, device):
+            for i in range(reps + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                predict(img).argmax(1)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i:  # the first call warms up (cuDNN autotuning, Triton)
+                    secs.append(time.perf_counter() - t0)
+        t = timing_from_samples(secs, "calls")
+        row.update(windows=len(secs), sec_per_it=f"{t.median_ms / 1e3:.4g}", p20_s=f"{t.p20_ms / 1e3:.4g}",
+                   p80_s=f"{t.p80_ms / 1e3:.4g}", peak_mem_mib=f"{peak_memory_mib(device):.0f}",
+                   mem_kind="cuda max allocated" if device.type == "cuda" else "peak RSS",
+                   status="ok", note=f"seconds per image, eval.mode {cfg.eval.mode}")
+    except Exception as exc:  # noqa: BLE001 - an OOM or a failure is the case's result
+        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+        if not oom:
+            traceback.print_exc()
+        row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {str(exc)[:120]}"
     return row
 
 
@@ -155,20 +304,25 @@ def markdown(rows: Sequence[Dict[str, str]]) -> str:
              "s/it: median [p20, p80] over the log windows after the first; first: the first "
              "window, with warm-up; data: of s/it, the median time spent waiting for the data loader "
              "(near s/it: the run measures the loader, not the device). "
-             "Memory: CUDA max allocated, or the process's peak RSS on a CPU.",
+             "Memory: CUDA max allocated, or the process's peak RSS on a CPU. syncs: host-device "
+             "synchronisations per step (CUDA); late compiles: Triton kernels compiled after the "
+             "first log window (the pixel count changes every step; this should be 0). "
+             "Stability rows: memory growth after iteration 50 and the loss trend.",
              ""]
     for (date, device, rev), run in sorted(runs.items(), key=lambda kv: kv[0][0], reverse=True):
         lines += [f"## {device} · {date} · rev {rev}", "", f"torch {run[0]['torch']}", "",
-                  "| case | config | overrides | crop | batch | iters | s/it | data | first | peak MiB | status |",
-                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "| case | config | overrides | crop | batch | iters | s/it | data | first | peak MiB "
+                  "| syncs | late compiles | status |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         by_case = {r["case"]: r for r in run}
         for r in run:
             spread = f" [{r['p20_s']}, {r['p80_s']}]" if r["sec_per_it"] else ""
             lines.append(f"| {r['case']} | {r['config']} | {r['overrides'] or '-'} | {r['crop'] or '-'} "
                          f"| {r['batch'] or '-'} | {r['iters']} | {r['sec_per_it'] or '-'}{spread} "
                          f"| {r['data_s'] or '-'} | {r['first_window_sec_per_it'] or '-'} "
-                         f"| {r['peak_mem_mib'] or '-'} "
-                         f"| {r['status']} |")
+                         f"| {r['peak_mem_mib'] or '-'} | {r.get('syncs_per_it') or '-'} "
+                         f"| {r.get('late_compiles') or '-'} "
+                         f"| {r['status']}{' (growth ' + r['mem_growth_mib'] + ' MiB)' if r.get('mem_growth_mib') else ''} |")
         ratios = []
         for case, base in (("daformer_cluda", "daformer"), ("daformer_cluda_65", "daformer"),
                            ("hrda_cluda", "hrda"), ("demo_tiny", "demo_tiny_no_cl")):
@@ -212,6 +366,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: cores - 2, at most 8)")
     p.add_argument("--quick", action="store_true", help="the tiny demo cases on the CPU")
+    p.add_argument("--stability", type=int, default=None, metavar="N",
+                   help=f"also train {STABILITY_CASE} (--quick: demo_tiny) for N iterations and "
+                        "check it: finite, loss going down, memory flat after iteration "
+                        f"{STABILITY_SETTLE_ITER} (e.g. 300)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no case after this many seconds")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -219,14 +377,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--merge", type=Path, metavar="CSV",
                    help="append the rows of another run's train_steps.csv, then rebuild the Markdown")
     args = p.parse_args(argv)
-    known = dict(CASES, **QUICK_CASES)
-    default = QUICK_CASES if args.quick else GPU_CASES
+    known = {**CASES, **QUICK_CASES, **EVAL_CASES, **QUICK_EVAL_CASES}
+    default = [*QUICK_CASES, *QUICK_EVAL_CASES] if args.quick else [*GPU_CASES, *EVAL_CASES]
     args.cases = list(default) if args.cases is None else [c for c in args.cases.split(",") if c]
     unknown = [c for c in args.cases if c not in known]
     if unknown:
         p.error(f"unknown case(s) {unknown}; known: {sorted(known)}")
     if args.iters < 2 or args.log_interval < 1:
         p.error("need --iters >= 2 and --log-interval >= 1")
+    if args.stability is not None and args.stability < 3:
+        p.error("--stability needs at least 3 iterations")
     if args.quick:
         args.iters, args.log_interval = min(args.iters, 4), min(args.log_interval, 2)
     return args
@@ -250,18 +410,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                 device=device_name(device), git_rev=git_revision(),
                 torch=library_versions()["torch"])
-    known = dict(CASES, **QUICK_CASES)
     common = QUICK_OVERRIDES if args.quick else ()
+    # (row name, case, iterations, log interval, stability check)
+    plan = [(name, name, args.iters, args.log_interval, False) for name in args.cases]
+    if args.stability is not None:
+        case = "demo_tiny" if args.quick else STABILITY_CASE
+        plan.append((f"stability_{case}", case, args.stability,
+                     max(1, min(10, args.stability // 10)), True))
     start, rows = time.monotonic(), []
-    for name in args.cases:
-        config, extra, what = known[name]
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            row = dict(base, case=name, config=config, overrides=" ".join(list(common) + list(extra)),
-                       iters=args.iters, status="skipped (time budget)", note=what)
+    for row_name, name, iters, interval, stability in plan:
+        if name in EVAL_CASES or name in QUICK_EVAL_CASES:
+            config, extra, size, what = {**EVAL_CASES, **QUICK_EVAL_CASES}[name]
         else:
-            print(f"== {name}: {what} ({config}, {args.iters} iterations)", flush=True)
-            row = run_case(name, config, extra, iters=args.iters, log_interval=args.log_interval,
-                           workers=workers, base_row=base, common=common)
+            (config, extra, what), size = {**CASES, **QUICK_CASES}[name], None
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            row = dict(base, case=row_name, config=config, overrides=" ".join(list(common) + list(extra)),
+                       iters=iters, status="skipped (time budget)", note=what)
+        elif size is not None:
+            print(f"== {row_name}: {what} ({config})", flush=True)
+            row = run_eval_case(row_name, config, extra, size, base_row=base,
+                                common=[c for c in common if not c.startswith(("--data.", "--uda."))])
+            row["note"] = "; ".join(x for x in (what, row["note"]) if x)
+        else:
+            print(f"== {row_name}: {what} ({config}, {iters} iterations)", flush=True)
+            row = run_case(row_name, config, extra, iters=iters, log_interval=interval,
+                           workers=workers, base_row=base, common=common, stability=stability)
             row["note"] = "; ".join(x for x in (what, row["note"]) if x)
         rows.append(row)
         append_rows(out / CSV_NAME, [row], COLUMNS)

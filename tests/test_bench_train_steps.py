@@ -29,7 +29,10 @@ def _rows(path):
 def test_quick_run_writes_rows_and_the_side_by_side_ratio(tmp_path, capsys):
     assert ts.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = _rows(tmp_path / ts.CSV_NAME)
-    assert [r["case"] for r in rows] == ["demo_tiny", "demo_tiny_no_cl"]
+    assert [r["case"] for r in rows] == ["demo_tiny", "demo_tiny_no_cl", "eval_demo_tiny"]
+    ev = rows.pop()  # the inference case: seconds per image of the config's eval mode
+    assert ev["status"] == "ok" and ev["crop"] == "64x128" and "slide" in ev["note"]
+    assert float(ev["p20_s"]) <= float(ev["sec_per_it"]) <= float(ev["p80_s"])
     for r in rows:
         assert r["status"] == "ok" and r["crop"] == "64x64" and r["batch"] == "2"
         assert r["iters"] == "4" and r["windows"] == "2"  # log windows of 2 iterations
@@ -40,10 +43,10 @@ def test_quick_run_writes_rows_and_the_side_by_side_ratio(tmp_path, capsys):
     assert "--cl.source=false" in rows[1]["overrides"]
     md = (tmp_path / ts.MD_NAME).read_text()
     assert "demo_tiny / demo_tiny_no_cl:" in md and "| demo_tiny |" in md
-    assert "demo_tiny_no_cl" in capsys.readouterr().out.splitlines()[-1]
+    assert "eval_demo_tiny" in capsys.readouterr().out.splitlines()[-1]
     # A second run appends: two sections, and --report-only rebuilds the Markdown from the CSV.
     assert ts.main(["--quick", "--cases", "demo_tiny", "--out", str(tmp_path)]) == 0
-    assert len(_rows(tmp_path / ts.CSV_NAME)) == 3
+    assert len(_rows(tmp_path / ts.CSV_NAME)) == 4
     (tmp_path / ts.MD_NAME).unlink()
     assert ts.main(["--report-only", "--out", str(tmp_path)]) == 0
     runs = {r["date"] for r in _rows(tmp_path / ts.CSV_NAME)}  # two, unless within one second
@@ -52,7 +55,37 @@ def test_quick_run_writes_rows_and_the_side_by_side_ratio(tmp_path, capsys):
     other = tmp_path / "gpu"
     assert ts.main(["--merge", str(tmp_path / ts.CSV_NAME), "--out", str(other)]) == 0
     assert ts.main(["--merge", str(tmp_path / ts.CSV_NAME), "--out", str(other)]) == 0
-    assert len(_rows(other / ts.CSV_NAME)) == 3 and (other / ts.MD_NAME).exists()
+    assert len(_rows(other / ts.CSV_NAME)) == 4 and (other / ts.MD_NAME).exists()
+
+
+def _window(it, loss, mem, skipped=0):
+    return {"iteration": str(it), "loss": str(loss), "mem_mib": str(mem), "skipped": str(skipped)}
+
+
+def test_stability_verdict_names_what_is_wrong():
+    calm = [_window(10 * i, 5 - 0.1 * i, 1000 if i < 5 else 1200) for i in range(1, 31)]
+    status, note, growth = ts.stability_verdict(calm, settle_iter=50)
+    assert status == "ok" and growth == 0 and "->" in note  # growth before iteration 50 is warm-up
+    leak = [dict(w, mem_mib=str(1200 + 10 * i)) for i, w in enumerate(calm)]
+    status, _, growth = ts.stability_verdict(leak, settle_iter=50)
+    assert "memory grows" in status and growth == 10 * 24
+    rising = [dict(w, loss=str(1 + 0.1 * i)) for i, w in enumerate(calm)]
+    assert "loss not going down" in ts.stability_verdict(rising, settle_iter=50)[0]
+    nan = calm[:-1] + [dict(calm[-1], loss="nan")]
+    assert "non-finite" in ts.stability_verdict(nan, settle_iter=50)[0]
+    skipped = calm[:-1] + [dict(calm[-1], skipped="1")]
+    assert "skipped" in ts.stability_verdict(skipped, settle_iter=50)[0]
+
+
+def test_stability_row_and_step_probe_on_the_cpu(tmp_path):
+    assert ts.main(["--quick", "--cases", "demo_tiny_no_cl", "--stability", "4", "--out", str(tmp_path)]) in (0, 1)
+    rows = _rows(tmp_path / ts.CSV_NAME)
+    assert [r["case"] for r in rows] == ["demo_tiny_no_cl", "stability_demo_tiny"]
+    assert rows[1]["iters"] == "4" and rows[1]["status"].startswith(("ok", "unstable"))
+    assert "->" in rows[1]["note"]
+    # no CUDA: no synchronisation count, and the interpreter compiles nothing
+    assert rows[0]["syncs_per_it"] == "" and rows[0]["late_compiles"] == ""
+    assert ts.triton_compiled() is None
 
 
 @pytest.mark.parametrize("name", sorted(ts.CASES))
