@@ -49,9 +49,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from cluda.data.io import read_image
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
 from cluda.data.transforms import denormalize, normalize, resize
 from cluda.evaluate import (InputError, atomic_write_files, check_out_dir, flag_overrides,
@@ -68,25 +69,6 @@ __all__ = ["read_image", "trainid_to_labelid", "overlay", "save_prediction", "co
 _LABELID_LUT = np.zeros(256, dtype=np.uint8)
 for _t, _i in TRAINID_TO_CITYSCAPES_ID.items():
     _LABELID_LUT[_t] = _i
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (grey, palette and RGBA images are converted).
-
-    Raises FileNotFoundError if there is no file at `path`, ValueError naming the file if it
-    cannot be decoded (not an image, truncated).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here and not later
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except PermissionError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def _ids_array(pred: Any, what: str = "pred") -> np.ndarray:
