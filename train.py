@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cluda.config import ConfigError, save_yaml, to_dict
+from cluda.errors import EXIT_STATUS_HELP, run_cli
 from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
 from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
                               build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
@@ -396,6 +397,9 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
         start_iter, best = int(state["iteration"]), dict(state.get("best") or best)
+        if stop_at is not None and stop_at < start_iter:
+            raise ConfigError(f"--stop-at {stop_at} is below iteration {start_iter}, where {path} "
+                              "resumes")
         if main_proc:
             print(f"resumed from {path} at iteration {start_iter}")
 
@@ -518,7 +522,9 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser = argparse.ArgumentParser(
         description="CLUDA / DAFormer / HRDA training. Unknown --section.key=value arguments "
                     "override the config.",
-        epilog="example: python train.py configs/gta2cs_daformer_cluda.yaml --cl.temperature=0.1")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python train.py configs/gta2cs_daformer_cluda.yaml --cl.temperature=0.1"
+               "\n\n" + EXIT_STATUS_HELP)
     parser.add_argument("config", nargs="?", default=None,
                         help=f"YAML experiment (default: {os.path.relpath(DEFAULT_CONFIG)})")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -532,6 +538,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments {bad}: overrides are --section.key=value")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
     return args, overrides
 
 
@@ -542,6 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         cfg = load_experiment(args.config, overrides) if args.config else None
         return {"metrics": eval_only(args.eval_only, cfg, overrides)}
     cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
+    resolve_device(cfg, training=True)  # no CUDA, or cl.impl=triton where it cannot run: fail now
     result = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if result["metrics"] and (not dist.is_initialized() or dist.get_rank() == 0):
         p = cfg.eval.protocols[0]
@@ -555,10 +564,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # A user error (cluda.errors: bad config, unreadable file, full disk ...) is one line on
+        # stderr and exit status 2; CLUDA_DEBUG=1 adds its traceback. Bugs keep theirs.
+        status = run_cli(main)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.exit(status)

@@ -18,8 +18,8 @@ The user errors (`is_user_error`):
   network), `OutputError` (an output that cannot be written; names the path),
   `cluda.evaluate.InputError`. Those that describe a bad value also subclass `ValueError`, so
   callers that catch ValueError keep working.
-- OSErrors about a path the user gave (FileNotFoundError, PermissionError, IsADirectoryError,
-  NotADirectoryError) or about the disk (full, read-only, over quota: `DISK_ERRNOS`).
+- OSErrors about a path the user gave (FileNotFoundError, FileExistsError, PermissionError,
+  IsADirectoryError, NotADirectoryError) or about the disk (full, read-only, over quota: `DISK_ERRNOS`).
 - Running out of memory (`torch.cuda.OutOfMemoryError`, `MemoryError`): the fix is a smaller
   input, batch or window, not a code change.
 
@@ -36,9 +36,15 @@ import traceback
 from typing import Any, Callable, Optional, Sequence
 
 __all__ = ["UserError", "DataError", "CheckpointError", "OutputError", "DISK_ERRNOS",
-           "DEBUG_ENV", "is_user_error", "describe", "debug_enabled", "run_cli"]
+           "DEBUG_ENV", "EXIT_STATUS_HELP", "is_user_error", "describe", "debug_enabled", "run_cli"]
 
 DEBUG_ENV = "CLUDA_DEBUG"
+
+# The epilog every command line's --help ends with.
+EXIT_STATUS_HELP = (
+    "exit status: 0 done; 2 bad input (an unreadable, truncated or missing file, a bad config\n"
+    "value, no CUDA device, a full or read-only disk, too little memory): one line on stderr\n"
+    "naming the problem, no traceback (CLUDA_DEBUG=1 shows it), no half-written file.")
 
 # errno values that mean "the disk refused the write", not "the code is wrong".
 DISK_ERRNOS = frozenset(getattr(errno, name) for name in
@@ -67,13 +73,16 @@ class OutputError(UserError, OSError):
     """
 
     def __init__(self, path: Any, cause: OSError) -> None:
-        reason = cause.strerror or str(cause)
-        super().__init__(f"cannot write {os.fspath(path)}: {reason}")
-        self.errno = cause.errno
-        self.filename = os.fspath(path)
+        self.message = f"cannot write {os.fspath(path)}: {cause.strerror or cause}"
+        super().__init__(self.message)
+        self.errno, self.strerror, self.filename = cause.errno, cause.strerror, os.fspath(path)
+
+    def __str__(self) -> str:  # OSError's own would print "[Errno N] strerror: 'filename'"
+        return self.message
 
 
-_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                NotADirectoryError)
 
 
 def _memory_errors() -> tuple:
@@ -119,6 +128,17 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an error left open (e.g. training's), so that the error line starts
+    on a line of its own instead of after a half-drawn bar."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
             argv: Optional[Sequence[str]] = None) -> int:
     """Run a command line's `main(argv)` and turn a user error into one line on stderr and exit
@@ -133,6 +153,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], Any],
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         if not is_user_error(err):
             raise
+        _close_progress_bars()
         if debug_enabled():
             traceback.print_exc()
         print(f"error: {describe(err)}", file=sys.stderr)

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from cluda.data.io import read_image
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
 from cluda.data.transforms import denormalize, normalize, resize
+from cluda.errors import EXIT_STATUS_HELP, run_cli
 from cluda.evaluate import (InputError, atomic_write_files, check_out_dir, flag_overrides,
                             inference_context, inference_device, input_errors,
                             load_inference_model, note_model_differences, parse_cli,
@@ -533,8 +534,7 @@ def _predict_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python -m cluda.predict --checkpoint work_dirs/demo/best.pt street.png --out preds\n"
             "  python -m cluda.predict --checkpoint best.pt /data/cityscapes/leftImg8bit/val \\\n"
-            "      --out preds --mode slide\n\n"
-            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+            "      --out preds --mode slide\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
@@ -573,8 +573,7 @@ def _compare_parser() -> argparse.ArgumentParser:
         epilog=(
             "example:\n"
             "  python -m cluda.predict compare --checkpoints source_only/best.pt cluda/best.pt \\\n"
-            "      --num 4 --out figure3.png\n\n"
-            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+            "      --num 4 --out figure3.png\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("CKPT_A", "CKPT_B"),
                         help="e.g. the source-only and the adapted checkpoint")
     parser.add_argument("--out", required=True, metavar="FIG.png", help="the PNG to write")
@@ -593,7 +592,12 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cluda.predict [compare]`; see `--help`. Returns the exit status."""
+    """`python -m cluda.predict [compare]`; see `--help`. Returns the exit status: 0, or 2
+    after a user error (one line on stderr, `cluda.errors.run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     compare = argv[:1] == ["compare"]
     if compare:
@@ -601,19 +605,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, overrides = parse_cli(_predict_parser(), argv, intermixed=True)
     overrides = overrides + flag_overrides(args)
-    try:
-        if compare:
-            figure = compare_checkpoints(
-                args.checkpoints, args.out, config=args.config, overrides=overrides,
-                weights=args.weights, num=args.num, indices=args.indices, titles=args.titles,
-                panel_width=args.panel_width, progress=not args.no_progress)
-        else:
-            written = predict_files(args.checkpoint, args.inputs, args.out, config=args.config,
-                                    overrides=overrides, weights=args.weights, alpha=args.alpha,
-                                    progress=not args.no_progress)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if compare:
+        figure = compare_checkpoints(
+            args.checkpoints, args.out, config=args.config, overrides=overrides,
+            weights=args.weights, num=args.num, indices=args.indices, titles=args.titles,
+            panel_width=args.panel_width, progress=not args.no_progress)
+    else:
+        written = predict_files(args.checkpoint, args.inputs, args.out, config=args.config,
+                                overrides=overrides, weights=args.weights, alpha=args.alpha,
+                                progress=not args.no_progress)
     if compare:
         print(f"wrote {args.out} ({figure.shape[1]} x {figure.shape[0]} px)")
     else:
