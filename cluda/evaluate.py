@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
 from cluda.errors import EXIT_STATUS_HELP, UserError, run_cli
+from cluda.inference_memory import MemoryCheck
 from cluda.fileio import atomic_write, atomic_write_files
 from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
                               config_to_dict, load_checkpoint, load_experiment,
@@ -453,7 +454,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
              data: Iterable[Mapping[str, Any]], *, num_classes: int = 19,
              protocols: Sequence[int] = (19,), flip: bool = False,
              scales: Sequence[float] = (1.0,), device: torch.device | str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True,
+             memory_check: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluate a predict function over a data set at the labels' full resolution.
 
     Args:
@@ -469,6 +471,9 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
             views are averaged.
         device: where images go and the confusion matrix accumulates.
         progress: show a tqdm bar.
+        memory_check: called as `memory_check(img_shape, label_size, what=<image path>)` before
+            each batch's inference, e.g. a `cluda.inference_memory.MemoryCheck`, which raises
+            when the batch cannot fit in memory.
 
     Returns:
         {"metrics": {protocol: compute_metrics(...) dict}, "matrix": (K, K) int64 tensor on
@@ -490,6 +495,10 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
         total = None
     for i, sample in enumerate(tqdm(data, total=total, disable=not progress, desc="evaluate")):
         img, label = _batches(sample, i)
+        if memory_check is not None:
+            paths = sample.get("path", f"sample {i}")
+            memory_check(tuple(img.shape), tuple(label.shape[-2:]),
+                         what=paths[0] if isinstance(paths, (list, tuple)) else str(paths))
         img = img.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
         probs = predict_probs(predict_fn, img, out_size=tuple(label.shape[-2:]),
@@ -686,7 +695,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | os.PathL
     with inference_context(device, cfg):
         result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
                           protocols=cfg.eval.protocols, flip=cfg.eval.flip,
-                          scales=cfg.eval.scales, device=device, progress=progress)
+                          scales=cfg.eval.scales, device=device, progress=progress,
+                          memory_check=MemoryCheck(model, cfg, device))
     result.update(info, config=cfg, device=str(device))
     return result
 
