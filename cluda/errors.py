@@ -105,7 +105,7 @@ def is_user_error(err: BaseException) -> bool:
 # A DataLoader worker's exception comes back as the same type whose message is the worker's
 # whole traceback; its last line is "<qualified type>: <original message>".
 _WORKER_MARK = "Original Traceback (most recent call last):"
-_TYPE_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Warning|Exit|Interrupt)?: ")
+_TYPE_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt): ")
 
 
 def describe(err: BaseException) -> str:
