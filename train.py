@@ -397,9 +397,6 @@ def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int]) -> Dic
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
         start_iter, best = int(state["iteration"]), dict(state.get("best") or best)
-        if stop_at is not None and stop_at < start_iter:
-            raise ConfigError(f"--stop-at {stop_at} is below iteration {start_iter}, where {path} "
-                              "resumes")
         if main_proc:
             print(f"resumed from {path} at iteration {start_iter}")
 

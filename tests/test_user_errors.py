@@ -143,11 +143,6 @@ CASES = [
     pytest.param(train.main, lambda f, t: _train_args(f, t),
                  lambda f, t: ["cannot write", t, "No space left on device"], _disk_full,
                  id="train-disk-full"),
-    pytest.param(train.main,
-                 lambda f, t: _train_args(f, t, "--train.max_iters=4") + [
-                     "--resume", str(f["ckpt"]), "--stop-at", "1"],
-                 lambda f, t: ["--stop-at 1", "iteration 2", f["ckpt"]], None,
-                 id="train-stop-at-below-resume"),
     pytest.param(ev.main, lambda f, t: ["--checkpoint", str(f["ckpt"]), "--scales", "-1",
                                         "--no-progress"],
                  lambda f, t: ["eval.scales", "-1"], None, id="evaluate-negative-scale"),
