@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from cluda import runs
 from cluda.config import ConfigError, save_yaml, to_dict
+from cluda.errors import EXIT_STATUS_HELP, NonFiniteError, OutputError, run_cli
 from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
 from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
                               build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
@@ -149,8 +150,11 @@ class CSVLog:
             writer.writerows(rows)
 
     def append(self, it: int, values: Dict[str, float]) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(dict(values, iteration=it))
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(dict(values, iteration=it))
+        except OSError as err:  # a full or read-only disk: name the log, in one line
+            raise OutputError(self.path, err) from err
 
     def read(self) -> List[Dict[str, float]]:
         with open(self.path, newline="") as f:
@@ -285,7 +289,7 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
             for buf, saved in zip(student.buffers(), buffers):
                 buf.copy_(saved)
         if cfg.train.nonfinite == "stop":
-            raise FloatingPointError(f"{problem}; stopped without saving (train.nonfinite: stop)")
+            raise NonFiniteError(f"{problem}; stopped without saving (train.nonfinite: stop)")
         # "skip": the weights stay as they are; the schedule goes on with the iteration count
         warnings.warn(f"{problem}; step skipped (train.nonfinite: skip)", RuntimeWarning, stacklevel=2)
     scheduler.step()
@@ -673,7 +677,9 @@ def parse_args(argv: Optional[Sequence[str]]):
     parser = argparse.ArgumentParser(
         description="CLUDA / DAFormer / HRDA training. Unknown --section.key=value arguments "
                     "override the config.",
-        epilog="example: python train.py configs/gta2cs_daformer_cluda.yaml --cl.temperature=0.1")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python train.py configs/gta2cs_daformer_cluda.yaml --cl.temperature=0.1"
+               "\n\n" + EXIT_STATUS_HELP)
     parser.add_argument("config", nargs="?", default=None,
                         help=f"YAML experiment (default: {os.path.relpath(DEFAULT_CONFIG)})")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -695,6 +701,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments {bad}: overrides are --section.key=value")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
     return args, overrides
 
 
@@ -707,6 +715,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
     if args.allow_changes and args.resume is None:
         raise ConfigError("--allow-changes applies to a resume: add --resume")
+    resolve_device(cfg, training=True)  # no CUDA, or cl.impl=triton where it cannot run: fail now
     result = train(cfg, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite,
                    allow_changes=args.allow_changes)
     if result["metrics"] and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -721,10 +730,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # A user error (cluda.errors: bad config, unreadable file, full disk ...) is one line on
+        # stderr and exit status 2; CLUDA_DEBUG=1 adds its traceback. Bugs keep theirs.
+        status = run_cli(main)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sys.exit(status)

@@ -15,14 +15,16 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from cluda.errors import UserError
 from cluda.fileio import atomic_open
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "parse_overrides",
            "apply_overrides", "save_yaml"]
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is wrong; the message names it."""
+class ConfigError(UserError, ValueError):
+    """A configuration value or key is wrong; the message names it (a user error: the command
+    lines print it as one line, see `cluda.errors`)."""
 
 
 def _type_name(tp) -> str:

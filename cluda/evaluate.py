@@ -64,6 +64,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
+from cluda.errors import EXIT_STATUS_HELP, UserError, run_cli
+from cluda.inference_memory import MemoryCheck
 from cluda.fileio import atomic_write, atomic_write_files
 from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
                               config_to_dict, load_checkpoint, load_experiment,
@@ -452,7 +454,8 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
              data: Iterable[Mapping[str, Any]], *, num_classes: int = 19,
              protocols: Sequence[int] = (19,), flip: bool = False,
              scales: Sequence[float] = (1.0,), device: torch.device | str = "cpu",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True,
+             memory_check: Callable[..., None] | None = None) -> dict[str, Any]:
     """Evaluate a predict function over a data set at the labels' full resolution.
 
     Args:
@@ -468,6 +471,9 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
             views are averaged.
         device: where images go and the confusion matrix accumulates.
         progress: show a tqdm bar.
+        memory_check: called as `memory_check(img_shape, label_size, what=<image path>)` before
+            each batch's inference, e.g. a `cluda.inference_memory.MemoryCheck`, which raises
+            when the batch cannot fit in memory.
 
     Returns:
         {"metrics": {protocol: compute_metrics(...) dict}, "matrix": (K, K) int64 tensor on
@@ -489,6 +495,10 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
         total = None
     for i, sample in enumerate(tqdm(data, total=total, disable=not progress, desc="evaluate")):
         img, label = _batches(sample, i)
+        if memory_check is not None:
+            paths = sample.get("path", f"sample {i}")
+            memory_check(tuple(img.shape), tuple(label.shape[-2:]),
+                         what=paths[0] if isinstance(paths, (list, tuple)) else str(paths))
         img = img.to(device, non_blocking=True)
         label = label.to(device, non_blocking=True)
         probs = predict_probs(predict_fn, img, out_size=tuple(label.shape[-2:]),
@@ -506,10 +516,10 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
 # Checkpoints for inference (shared with `cluda.predict`)
 # --------------------------------------------------------------------------------------------
 
-class InputError(Exception):
+class InputError(UserError):
     """Bad input the user can fix: a missing or truncated file, a config that does not fit the
     checkpoint's weights, an unreadable image. The command lines print its one-line message
-    and exit with status 2, without a traceback."""
+    and exit with status 2, without a traceback (as every `cluda.errors` user error)."""
 
 
 @contextlib.contextmanager
@@ -632,7 +642,7 @@ def inference_device(cfg: Config) -> torch.device:
     """`experiment.device` as a torch device; InputError if CUDA is asked for and absent."""
     try:
         return resolve_device(cfg)
-    except RuntimeError as err:
+    except ValueError as err:  # ConfigError
         raise InputError(str(err)) from err
 
 
@@ -685,7 +695,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | os.PathL
     with inference_context(device, cfg):
         result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
                           protocols=cfg.eval.protocols, flip=cfg.eval.flip,
-                          scales=cfg.eval.scales, device=device, progress=progress)
+                          scales=cfg.eval.scales, device=device, progress=progress,
+                          memory_check=MemoryCheck(model, cfg, device))
     result.update(info, config=cfg, device=str(device))
     return result
 
@@ -782,7 +793,7 @@ def _eval_parser() -> argparse.ArgumentParser:
             "  python -m cluda.evaluate --checkpoint work_dirs/demo/best.pt\n"
             "  python -m cluda.evaluate --checkpoint best.pt --data.val.root=/data/cityscapes \\\n"
             "      --mode slide --protocols 16 13 --out results/\n\n"
-            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+            + EXIT_STATUS_HELP))
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
                         help="a latest.pt / best.pt written by train.py")
     parser.add_argument("--config", default=None, metavar="YAML",
@@ -853,22 +864,23 @@ def check_out_dir(path: str | os.PathLike) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cluda.evaluate`; see `--help`. Returns the exit status."""
+    """`python -m cluda.evaluate`; see `--help`. Returns the exit status: 0, or 2 after a user
+    error (one line on stderr, `cluda.errors.run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args, overrides = parse_cli(_eval_parser(), argv)
-    try:
-        ckpt = Path(args.checkpoint)
-        out_dir = check_out_dir(args.out if args.out is not None else ckpt.parent)
-        result = evaluate_checkpoint(ckpt, config=args.config,
-                                     overrides=overrides + flag_overrides(args),
-                                     weights=args.weights, progress=not args.no_progress)
-        split = result["config"].data.val.split or "val"
-        stem = f"eval_{ckpt.stem}" + ("" if split == "val" else f"_{split}") \
-            + ("_teacher" if args.weights == "teacher" else "")
-        with input_errors():
-            files = render_evaluation(result, stem)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    ckpt = Path(args.checkpoint)
+    out_dir = check_out_dir(args.out if args.out is not None else ckpt.parent)
+    result = evaluate_checkpoint(ckpt, config=args.config,
+                                 overrides=overrides + flag_overrides(args),
+                                 weights=args.weights, progress=not args.no_progress)
+    split = result["config"].data.val.split or "val"
+    stem = f"eval_{ckpt.stem}" + ("" if split == "val" else f"_{split}") \
+        + ("_teacher" if args.weights == "teacher" else "")
+    with input_errors():
+        files = render_evaluation(result, stem)
     for p, m in result["metrics"].items():
         print(f"\n{p}-class protocol, per-class IoU (%), {result['num_images']} images:")
         print(format_table(m), end="")

@@ -23,6 +23,7 @@ stored in the file).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -32,6 +33,7 @@ from torch import nn
 
 from cluda.config import ConfigError, apply_overrides, from_dict, load_config, parse_overrides, to_dict
 from cluda.data.labels import NUM_CLASSES, PROTOCOLS, THING_CLASSES
+from cluda.errors import CheckpointError
 from cluda.fileio import atomic_open
 
 __all__ = [
@@ -44,6 +46,10 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "cluda-checkpoint-v1"
+# The smallest cl.temperature: the op is exact for any features while exp(-2 / tau) stays a normal
+# float32 (tau >= 2 / 87.3); below it a row whose pairs all underflow is only approximated.
+MIN_TEMPERATURE = 0.023
+_MIT_NAMES = tuple(f"mit_b{i}" for i in range(6))  # cluda.models.mit.MIT_CONFIGS, without the import
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,7 +203,8 @@ class UDASection:
 @dataclass
 class CLSection:
     """The CLUDA contrastive terms. source: L_CL^s (Eq. 3). mixed: L_CL^m (Eq. 4-5), needs
-    uda.enabled. weight: multiplies both. temperature: tau (the original code: 1). pairs:
+    uda.enabled. weight: multiplies both. temperature: tau (the original code: 1; at least 0.023,
+    where float32 still holds exp(-2 / tau) and the op is exact for any features). pairs:
     "all" | "stuff" | "stuff+thing" (Sec. 5.5). weighting: "anchor" (the paper) or "pair" (the
     original code). feat_size: None (native fused resolution) or [h, w] (the original code's
     [65, 65] bilinear resize); single-resolution models only. multires (HRDA): "lr" (LR features
@@ -292,8 +299,35 @@ def _pair(value: Sequence[int], where: str) -> Tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def _non_finite(obj: Any, prefix: str) -> List[str]:
+    """Dotted keys of the NaN / infinite floats in a tree of config dataclasses."""
+    bad = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            bad += _non_finite(value, key + ".")
+        elif any(isinstance(v, float) and not math.isfinite(v)
+                 for v in (value if isinstance(value, list) else [value])):
+            bad.append(key)
+    return bad
+
+
+def _check_range(value: Optional[float], key: str, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """`value` (None: unset, not checked) must lie in the interval; ConfigError naming `key`."""
+    if value is None:
+        return
+    if (value < low or (low_open and value == low) or value > high
+            or (high_open and value == high)):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key} must lie in {interval}, got {value}")
+
+
 def validate(cfg: Config) -> Config:
-    """Cross-field checks the types alone cannot express; returns `cfg`.
+    """Every check of the config's values the types alone cannot express, so that a bad value
+    fails at start-up and not at its first use (e.g. an evaluation after hours of training);
+    returns `cfg`. Checks that depend on the machine (CUDA present, Triton runnable) are
+    `resolve_device`'s.
 
     Raises:
         ConfigError: naming the offending key(s).
@@ -301,8 +335,13 @@ def validate(cfg: Config) -> Config:
     if not isinstance(cfg, Config):
         raise TypeError(f"expected a cluda.experiment.Config, got {type(cfg).__name__}")
     d, m, u, c, o, t, e = cfg.data, cfg.model, cfg.uda, cfg.cl, cfg.optim, cfg.train, cfg.eval
+    non_finite = _non_finite(cfg, "")
+    if non_finite:
+        raise ConfigError(f"{', '.join(non_finite)}: NaN or infinite values are not allowed")
     if cfg.experiment.threads is not None and cfg.experiment.threads < 1:
         raise ConfigError(f"experiment.threads must be >= 1 or null, got {cfg.experiment.threads}")
+    if not 0 <= cfg.experiment.seed < 2 ** 63:  # torch.manual_seed and numpy's seeding
+        raise ConfigError(f"experiment.seed must lie in [0, 2**63), got {cfg.experiment.seed}")
     _pair(d.crop_size, "data.crop_size")
     for role in ("source", "target", "val"):
         ds: DatasetSection = getattr(d, role)
@@ -324,10 +363,36 @@ def validate(cfg: Config) -> Config:
     if d.batch_size < 1 or d.workers < 0:
         raise ConfigError(f"data.batch_size must be >= 1 and data.workers >= 0, got "
                           f"{d.batch_size}, {d.workers}")
+    _check_range(d.cat_max_ratio, "data.cat_max_ratio", 0, 1, low_open=True)
+    _check_range(d.flip_prob, "data.flip_prob", 0, 1)
+    if d.rcs_temperature <= 0:  # the class softmax divides by it
+        raise ConfigError(f"data.rcs_temperature must be > 0, got {d.rcs_temperature}")
+    if d.rcs_min_pixels < 0 or d.rcs_max_crop_tries < 1:
+        raise ConfigError(f"data.rcs_min_pixels must be >= 0 and data.rcs_max_crop_tries >= 1, "
+                          f"got {d.rcs_min_pixels}, {d.rcs_max_crop_tries}")
+    _check_range(d.rcs_min_crop_ratio, "data.rcs_min_crop_ratio", 0, 1)
+    if m.backbone not in _MIT_NAMES:
+        import timm  # only for other backbones: the name must be one timm can build
+        if not timm.is_model(m.backbone):
+            raise ConfigError(f"model.backbone {m.backbone!r} is neither mit_b0..mit_b5 nor a "
+                              "timm model (cluda.models.available_backbones() lists them)")
+    if min(m.channels, m.embed_dim, m.aspp_channels) < 1:
+        raise ConfigError("model.channels, model.embed_dim and model.aspp_channels must be >= 1")
+    _check_range(m.dropout, "model.dropout", 0, 1, high_open=True)
+    _check_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, high_open=True)
+    if m.img_size is not None:
+        _pair(m.img_size, "model.img_size")
     if m.num_classes != NUM_CLASSES:
         raise ConfigError(f"model.num_classes must be {NUM_CLASSES} (the Cityscapes train ids all "
                           f"data sets are mapped to), got {m.num_classes}")
     if m.hrda.enabled:
+        h = m.hrda
+        _check_range(h.lr_scale, "model.hrda.lr_scale", 0, 1, low_open=True)
+        _check_range(h.hr_loss_weight, "model.hrda.hr_loss_weight", 0, 1)
+        if h.crop_divisible < 1 or h.head_channels < 1:
+            raise ConfigError("model.hrda.crop_divisible and model.hrda.head_channels must be >= 1")
+        _slide_windows(h.hr_slide_size, h.hr_slide_stride, "model.hrda.hr_slide_size",
+                       "model.hrda.hr_slide_stride")
         hc = _pair(m.hrda.hr_crop_size, "model.hrda.hr_crop_size")
         crop = _pair(d.crop_size, "data.crop_size")
         if hc[0] > crop[0] or hc[1] > crop[1]:
@@ -336,14 +401,16 @@ def validate(cfg: Config) -> Config:
         if c.multires == "weighted" and (c.source or c.mixed) and not m.hrda.feature_weight_head:
             raise ConfigError("cl.multires 'weighted' needs model.hrda.feature_weight_head: true "
                               "(or set cl.multires to 'lr' / 'lr+hr')")
-    elif c.feat_size is not None:
+    if c.feat_size is not None:
         _pair(c.feat_size, "cl.feat_size")
     if c.mixed and not u.enabled:
         raise ConfigError("cl.mixed needs uda.enabled (the mixed term lives on the ClassMix "
                           "image); set cl.mixed: false for source-only training")
-    if c.temperature <= 0 or c.weight < 0:
-        raise ConfigError(f"cl.temperature must be > 0 and cl.weight >= 0, got {c.temperature}, "
-                          f"{c.weight}")
+    if c.temperature < MIN_TEMPERATURE or c.weight < 0:
+        raise ConfigError(f"cl.temperature must be >= {MIN_TEMPERATURE} and cl.weight >= 0, got "
+                          f"{c.temperature}, {c.weight} (below {MIN_TEMPERATURE} float32's exp "
+                          "range no longer holds every pair of unit features, see "
+                          "kernels.pixel_infonce)")
     if c.triton_variant is not None:
         from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
         if c.triton_variant not in VARIANTS:
@@ -358,12 +425,23 @@ def validate(cfg: Config) -> Config:
     if len(u.blur_sigma) != 2 or not 0 < u.blur_sigma[0] <= u.blur_sigma[1]:
         raise ConfigError(f"uda.blur_sigma must be [low, high] with 0 < low <= high, got "
                           f"{u.blur_sigma}")
+    _check_range(u.color_jitter_p, "uda.color_jitter_p", 0, 1)
+    _check_range(u.blur_p, "uda.blur_p", 0, 1)
+    if u.color_jitter_strength < 0:
+        raise ConfigError(f"uda.color_jitter_strength must be >= 0, got {u.color_jitter_strength}")
     if o.lr <= 0 or o.head_lr_mult <= 0 or o.weight_decay < 0 or len(o.betas) != 2:
         raise ConfigError("optim.lr and optim.head_lr_mult must be > 0, optim.weight_decay >= 0 "
                           "and optim.betas two numbers")
     if o.warmup_iters < 0 or not 0 < o.warmup_ratio <= 1 or o.min_lr < 0:
         raise ConfigError("optim.warmup_iters >= 0, 0 < optim.warmup_ratio <= 1 and "
                           "optim.min_lr >= 0 are required")
+    for i, beta in enumerate(o.betas):  # AdamW refuses anything else, at its construction
+        _check_range(beta, f"optim.betas[{i}]", 0, 1, high_open=True)
+    if o.min_lr > o.lr or o.poly_power < 0:
+        raise ConfigError(f"optim.min_lr must be <= optim.lr and optim.poly_power >= 0, got "
+                          f"{o.min_lr}, {o.lr}, {o.poly_power}")
+    if o.grad_clip is not None and o.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip must be > 0 or null, got {o.grad_clip}")
     if t.max_iters < 1 or t.log_interval < 1 or t.eval_interval < 0 or t.checkpoint_interval < 0:
         raise ConfigError("train.max_iters and train.log_interval must be >= 1, "
                           "train.eval_interval and train.checkpoint_interval >= 0")
@@ -372,12 +450,22 @@ def validate(cfg: Config) -> Config:
     unknown = [p for p in e.protocols if p not in PROTOCOLS]
     if not e.protocols or unknown:
         raise ConfigError(f"eval.protocols must list some of {sorted(PROTOCOLS)}, got {e.protocols}")
-    if e.mode == "slide":
-        _pair(e.crop_size, "eval.crop_size")
-        _pair(e.stride, "eval.stride")
+    # Checked in either mode: an override can switch a stored config to slide.
+    _slide_windows(e.crop_size, e.stride, "eval.crop_size", "eval.stride")
     if e.batch_size < 1 or e.workers < 0 or not e.scales:
         raise ConfigError("eval.batch_size must be >= 1, eval.workers >= 0 and eval.scales non-empty")
+    if any(s <= 0 for s in e.scales):
+        raise ConfigError(f"eval.scales must be positive input scale factors, got {e.scales}")
     return cfg
+
+
+def _slide_windows(size: Sequence[int], stride: Sequence[int], size_key: str,
+                   stride_key: str) -> None:
+    """Sliding windows cover the image only if the stride is at most the window."""
+    window, step = _pair(size, size_key), _pair(stride, stride_key)
+    if step[0] > window[0] or step[1] > window[1]:
+        raise ConfigError(f"{stride_key} {list(step)} must not exceed {size_key} {list(window)}: "
+                          "windows further apart than their size leave pixels unpredicted")
 
 
 def load_experiment(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
@@ -394,14 +482,38 @@ def output_dir(cfg: Config) -> str:
     return os.path.join(cfg.experiment.work_dir, cfg.experiment.name)
 
 
-def resolve_device(cfg: Config, local_rank: int = 0) -> torch.device:
-    """`experiment.device` -> a torch device ("auto": cuda:<local_rank> when CUDA is present)."""
+def resolve_device(cfg: Config, local_rank: int = 0, *, training: bool = False) -> torch.device:
+    """`experiment.device` -> a torch device ("auto": cuda:<local_rank> when CUDA is present),
+    checked against this machine: the checks `validate` cannot make because they depend on
+    where the config runs, not on its values.
+
+    Args:
+        cfg: the experiment.
+        local_rank: the process's GPU under torchrun.
+        training: also check that the contrastive loss's `cl.impl` runs on that device
+            ("triton" needs CUDA, or TRITON_INTERPRET=1 on a CPU); evaluation never runs it.
+
+    Raises:
+        ConfigError: naming the key and how to fix it.
+    """
     want = cfg.experiment.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("experiment.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+            raise ConfigError("experiment.device is 'cuda' but torch sees no CUDA device on "
+                              "this machine; set --experiment.device=cpu (or auto)")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"process {local_rank} needs GPU {local_rank}, but this machine "
+                              f"has {torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    c = cfg.cl
+    if (training and c.impl == "triton" and (c.source or c.mixed) and device.type == "cpu"
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError("cl.impl 'triton' runs on CUDA devices only (on a CPU only under "
+                          "TRITON_INTERPRET=1, slowly), and this run's device is the CPU; set "
+                          "--cl.impl=auto or torch")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,8 +696,8 @@ def load_checkpoint(path: Union[str, os.PathLike], *, map_location="cpu") -> Dic
 
     Raises:
         FileNotFoundError: no file at `path`.
-        ValueError: the file is truncated / corrupt, or is not a cluda checkpoint; the message
-            names the file.
+        CheckpointError (a ValueError): the file is truncated / corrupt, or is not a cluda
+            checkpoint; the message names the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -594,15 +706,15 @@ def load_checkpoint(path: Union[str, os.PathLike], *, map_location="cpu") -> Dic
         # weights_only: a checkpoint is data, never code to run.
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a "
                          f"torch checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a cluda training checkpoint (expected format "
+        raise CheckpointError(f"{path} is not a cluda training checkpoint (expected format "
                          f"{CHECKPOINT_FORMAT!r}, found {found!r})")
     missing = [k for k in ("config", "iteration", "student") if k not in state]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}")
     return state
 
 
@@ -611,7 +723,7 @@ def config_from_checkpoint(state: Dict[str, Any], *, path: str = "checkpoint",
     """The Config stored in a loaded checkpoint, with optional `--section.key=value` overrides."""
     data = state["config"]
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the stored config is not a mapping")
+        raise CheckpointError(f"{path}: the stored config is not a mapping")
     data = apply_overrides(_deepcopy_dict(data), parse_overrides(overrides), Config)
     try:
         return validate(from_dict(Config, data))
@@ -640,7 +752,7 @@ def load_state_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], *,
         if keys:
             problems.append(f"{len(keys)} {name}: {', '.join(keys[:8])}" + (" ..." if len(keys) > 8 else ""))
     if problems:
-        raise ValueError(f"{what}: weights do not match the model built from the config ("
+        raise CheckpointError(f"{what}: weights do not match the model built from the config ("
                          + "; ".join(problems) + ")")
     model.load_state_dict(state_dict)
 
@@ -674,7 +786,7 @@ def load_model_from_checkpoint(path: Union[str, os.PathLike],
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
     if state.get(weights) is None:
-        raise ValueError(f"checkpoint {path} holds no {weights} weights")
+        raise CheckpointError(f"checkpoint {path} holds no {weights} weights")
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
     load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
     return model.eval(), cfg

@@ -6,12 +6,18 @@ renamed over the destination with `os.replace` (atomic on POSIX within one file 
 folder is fsynced so the rename itself survives a crash. Readers see the old file or the complete
 new one, never a half-written one; if anything fails on the way, the temporary file is removed and
 the previous file is left intact.
+
+An OSError on the way (disk full, read-only file system, no permission) is raised as
+`cluda.errors.OutputError` (an OSError) naming the destination, not the hidden temporary file,
+so the command lines report it in one line.
 """
 import contextlib
 import os
 import secrets
 from pathlib import Path
 from typing import IO, Iterator, List, Mapping, Union
+
+from cluda.errors import DISK_ERRNOS, OutputError
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,18 +59,28 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes a whole file: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    fd = _create(tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_path(path)
+        fd = _create(tmp)
+    except OSError as err:
+        raise OutputError(path, err) from err
+    in_block = True
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
+            in_block = False
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as err:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # The caller's block may raise OSErrors of its own (a file it reads); only the disk's
+        # refusals are about writing `path`. Flushing, closing and renaming are ours.
+        if isinstance(err, OSError) and not isinstance(err, OutputError) and (
+                not in_block or err.errno in DISK_ERRNOS):
+            raise OutputError(path, err) from err
         raise
     _fsync_folder(path.parent)
 
@@ -90,6 +106,7 @@ def atomic_write_files(files: Mapping[PathLike, Union[bytes, str]]) -> List[Path
             raise TypeError(f"payload for {path} must be bytes or str, got {type(data).__name__}")
         payloads.append((Path(path), data))
     temps = []
+    path = None
     try:
         for path, data in payloads:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +121,11 @@ def atomic_write_files(files: Mapping[PathLike, Union[bytes, str]]) -> List[Path
             tmp, path = temps[0]
             os.replace(tmp, path)
             temps.pop(0)
+    except OSError as err:
+        raise OutputError(path, err) from err
     finally:
         for tmp, _ in temps:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
     for folder in {path.parent for path, _ in payloads}:
         _fsync_folder(folder)

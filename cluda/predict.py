@@ -30,8 +30,9 @@ Command lines (`main`, see `--help`):
     python -m cluda.predict compare --checkpoints SOURCE_ONLY.pt ADAPTED.pt [--config C]
         [--num 4] --out FIG.png
 
-The first (`predict_files`) lists and decodes every input and loads the checkpoint before it
-writes anything, then writes each image's four PNGs atomically as soon as it is predicted: bad
+The first (`predict_files`) lists and decodes every input, loads the checkpoint and estimates
+each image's inference memory (`cluda.inference_memory`: an image that cannot fit is refused
+with a remedy) before it writes anything, then writes each image's four PNGs atomically as soon as it is predicted: bad
 input (an unreadable image, named in the message) writes nothing, and an interruption later
 leaves only complete outputs. The second (`compare_checkpoints`) predicts every panel first
 and writes the figure last. Predictions use the evaluation's pipeline (`data.val.scale`
@@ -49,44 +50,28 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from cluda.data.io import read_image
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_CITYSCAPES_ID, colorize
-from cluda.data.transforms import denormalize, normalize, resize
+from cluda.data.transforms import denormalize, normalize, rescale_size, resize
+from cluda.errors import EXIT_STATUS_HELP, run_cli
 from cluda.evaluate import (InputError, atomic_write_files, check_out_dir, flag_overrides,
                             inference_context, inference_device, input_errors,
                             load_inference_model, note_model_differences, parse_cli,
                             predict_probs)
 from cluda.experiment import build_val_dataset, make_predict_fn
+from cluda.inference_memory import MemoryCheck
 
 __all__ = ["read_image", "trainid_to_labelid", "overlay", "save_prediction", "comparison_figure",
-           "IMAGE_SUFFIXES", "list_images", "check_images", "predict_image", "predict_files",
+           "IMAGE_SUFFIXES", "list_images", "check_images", "check_memory", "predict_image", "predict_files",
            "compare_checkpoints", "main"]
 
 # Train id -> Cityscapes label id, 256 entries so any uint8 indexes it; 255 and unused -> 0.
 _LABELID_LUT = np.zeros(256, dtype=np.uint8)
 for _t, _i in TRAINID_TO_CITYSCAPES_ID.items():
     _LABELID_LUT[_t] = _i
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB (grey, palette and RGBA images are converted).
-
-    Raises FileNotFoundError if there is no file at `path`, ValueError naming the file if it
-    cannot be decoded (not an image, truncated).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, so a truncated file fails here and not later
-            return np.array(im.convert("RGB"), dtype=np.uint8)
-    except PermissionError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def _ids_array(pred: Any, what: str = "pred") -> np.ndarray:
@@ -352,6 +337,19 @@ def check_images(files: Sequence[Path]) -> None:
         raise InputError(f"{len(bad)} of {len(files)} images cannot be read: " + "; ".join(bad))
 
 
+def check_memory(files: Sequence[Path], check: MemoryCheck, *,
+                 scale: Sequence[int] | None) -> None:
+    """Refuse, before anything is predicted or written, an image whose inference cannot fit in
+    memory (`cluda.inference_memory`): its network input is its size after the keep-ratio
+    resize to `scale`, its scores come out at its full size."""
+    for f in files:
+        with Image.open(f) as im:  # the header: the size
+            full_width, full_height = im.size
+        width, height = (full_width, full_height) if scale is None else \
+            rescale_size(full_width, full_height, tuple(scale))
+        check((1, 3, height, width), (full_height, full_width), what=str(f))
+
+
 @torch.no_grad()
 def predict_image(predict_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray, *,
                   scale: Sequence[int] | None = None, num_classes: int = NUM_CLASSES,
@@ -410,6 +408,8 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         InputError: see `list_images`, `check_images`, `load_inference_model`; or an image the
             network rejects (e.g. smaller than MiT's minimum), naming it, after the images
             before it were written.
+        UserError: an image whose inference would not fit in memory (`check_memory`), before
+            anything is written.
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise InputError(f"alpha must lie in [0, 1], got {alpha}")
@@ -421,6 +421,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     note_model_differences(info["model_differences"])
     device = inference_device(cfg)
     model.to(device)
+    check_memory(files, MemoryCheck(model, cfg, device), scale=cfg.data.val.scale)
     predict_fn = make_predict_fn(model, cfg)
     written = []
     for f in tqdm(files, disable=not progress, desc="predict"):
@@ -504,18 +505,20 @@ def compare_checkpoints(checkpoints: Sequence[str | os.PathLike], out_path: str 
     runs = []
     for model, cfg, _ in loaded:
         model.to(device)
-        runs.append((make_predict_fn(model, cfg), cfg))
+        runs.append((make_predict_fn(model, cfg), cfg, MemoryCheck(model, cfg, device)))
     rows = []
     for i in tqdm(indices, disable=not progress, desc="compare"):
         with input_errors():
             sample = val[i]
         img, label = sample["img"], sample["label"]  # (3, h, w) normalised, (H, W) train ids
+        for _, _, check in runs:
+            check((1, *img.shape), label.shape, what=sample["path"])
         height, width = label.shape
         rgb = denormalize(img)  # (h, w, 3) uint8, at the resized input's size
         if rgb.shape[:2] != (height, width):
             rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
         row = [rgb, label.numpy()]
-        for predict_fn, cfg in runs:
+        for predict_fn, cfg, _ in runs:
             with inference_context(device, cfg):
                 probs = predict_probs(predict_fn, img[None].to(device), out_size=(height, width),
                                       num_classes=cfg.model.num_classes, flip=cfg.eval.flip,
@@ -546,13 +549,13 @@ def _predict_parser() -> argparse.ArgumentParser:
             "  trainIds/<stem>_trainIds.png  train ids 0..18\n"
             "  labelIds/<stem>_labelIds.png  Cityscapes label ids: submit this folder to the\n"
             "                                Cityscapes benchmark (stems <city>_<seq>_<frame>...)\n"
-            "every input is decoded and the checkpoint loaded before anything is written; each\n"
-            "image's files are then written atomically as it is predicted.\n\n"
+            "every input is decoded, the checkpoint loaded and each image's inference memory\n"
+            "estimated (an image that cannot fit is refused: see the README) before anything is\n"
+            "written; each image's files are then written atomically as it is predicted.\n\n"
             "examples:\n"
             "  python -m cluda.predict --checkpoint work_dirs/demo/best.pt street.png --out preds\n"
             "  python -m cluda.predict --checkpoint best.pt /data/cityscapes/leftImg8bit/val \\\n"
-            "      --out preds --mode slide\n\n"
-            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+            "      --out preds --mode slide\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",
@@ -591,8 +594,7 @@ def _compare_parser() -> argparse.ArgumentParser:
         epilog=(
             "example:\n"
             "  python -m cluda.predict compare --checkpoints source_only/best.pt cluda/best.pt \\\n"
-            "      --num 4 --out figure3.png\n\n"
-            "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
+            "      --num 4 --out figure3.png\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("CKPT_A", "CKPT_B"),
                         help="e.g. the source-only and the adapted checkpoint")
     parser.add_argument("--out", required=True, metavar="FIG.png", help="the PNG to write")
@@ -611,7 +613,12 @@ def _compare_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m cluda.predict [compare]`; see `--help`. Returns the exit status."""
+    """`python -m cluda.predict [compare]`; see `--help`. Returns the exit status: 0, or 2
+    after a user error (one line on stderr, `cluda.errors.run_cli`)."""
+    return run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     compare = argv[:1] == ["compare"]
     if compare:
@@ -619,19 +626,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, overrides = parse_cli(_predict_parser(), argv, intermixed=True)
     overrides = overrides + flag_overrides(args)
-    try:
-        if compare:
-            figure = compare_checkpoints(
-                args.checkpoints, args.out, config=args.config, overrides=overrides,
-                weights=args.weights, num=args.num, indices=args.indices, titles=args.titles,
-                panel_width=args.panel_width, progress=not args.no_progress)
-        else:
-            written = predict_files(args.checkpoint, args.inputs, args.out, config=args.config,
-                                    overrides=overrides, weights=args.weights, alpha=args.alpha,
-                                    progress=not args.no_progress)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if compare:
+        figure = compare_checkpoints(
+            args.checkpoints, args.out, config=args.config, overrides=overrides,
+            weights=args.weights, num=args.num, indices=args.indices, titles=args.titles,
+            panel_width=args.panel_width, progress=not args.no_progress)
+    else:
+        written = predict_files(args.checkpoint, args.inputs, args.out, config=args.config,
+                                overrides=overrides, weights=args.weights, alpha=args.alpha,
+                                progress=not args.no_progress)
     if compare:
         print(f"wrote {args.out} ({figure.shape[1]} x {figure.shape[0]} px)")
     else:

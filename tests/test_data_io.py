@@ -70,3 +70,65 @@ def test_write_png_atomic_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     with pytest.raises(TypeError):
         write_png_atomic(str(path), arr.astype(np.float32))
+
+
+# ---- 16-bit and other wide images: one reader for the data sets and cluda.predict ----
+
+def _readers():
+    from cluda.predict import read_image as predict_read_image
+    return [read_image, predict_read_image]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_images_keep_their_high_byte(tmp_path, channels):
+    # Pillow's Image.convert("RGB") clips 16-bit grey ("I;16") to 255: a solid white frame.
+    rng = np.random.default_rng(20 + channels)
+    shape = (9, 14) if channels == 1 else (9, 14, channels)
+    arr = rng.integers(0, 65536, size=shape).astype(np.uint16)
+    arr.flat[0] = 1000  # some pixels well below 255 * 256, so clipping would show
+    path = tmp_path / f"wide{channels}.png"
+    write_png16(str(path), arr)
+    colour = arr[..., :3] if channels >= 3 else np.repeat((arr if channels == 1 else
+                                                           arr[..., 0])[..., None], 3, axis=2)
+    want = (colour >> 8).astype(np.uint8)  # v // 256, within one level of v * 255 / 65535
+    for reader in _readers():
+        got = reader(path)
+        assert got.dtype == np.uint8 and got.shape == (9, 14, 3)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_16bit_image_with_only_8bit_values_is_refused_by_name(tmp_path):
+    # 8-bit data stored in a 16-bit file (or an all but black image): scaling would give a
+    # black frame, keeping the values would be a guess. Refused, naming the file.
+    arr = np.random.default_rng(30).integers(0, 256, size=(6, 8)).astype(np.uint16)
+    path = tmp_path / "low16.png"
+    write_png16(str(path), arr)
+    for reader in _readers():
+        with pytest.raises(ValueError, match=r"low16\.png.*16-bit.*0\.\.2\d\d"):
+            reader(path)
+
+
+def test_float_and_32bit_images_are_refused_by_name(tmp_path):
+    rng = np.random.default_rng(31)
+    Image.fromarray(rng.random((5, 6)).astype(np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(rng.integers(0, 2**20, (5, 6)).astype(np.int32)).save(tmp_path / "i.tif")
+    for name in ("f.tif", "i.tif"):
+        for reader in _readers():
+            with pytest.raises(ValueError, match=rf"{name}.*8 bits"):
+                reader(tmp_path / name)
+
+
+def test_data_sets_read_16bit_images(tmp_path):
+    from cluda.data.datasets import GTADataset
+    from cluda.data.transforms import denormalize
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    rng = np.random.default_rng(32)
+    grey = rng.integers(0, 65536, size=(8, 10)).astype(np.uint16)
+    write_png16(str(tmp_path / "images" / "00001.png"), grey)
+    Image.fromarray(rng.integers(0, 34, (8, 10)).astype(np.uint8)).save(
+        tmp_path / "labels" / "00001.png")
+    img = denormalize(GTADataset(str(tmp_path))[0]["img"])
+    want = np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert np.abs(img.astype(int) - want).max() <= 1  # normalisation round trip

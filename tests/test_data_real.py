@@ -300,8 +300,46 @@ def test_prepare_unknown_ids_warn_once_and_cli_errors(tmp_path, capsys):
     with pytest.warns(UserWarning, match=r"1 labels .* 240 pixels with unknown ids \[50\]"):
         prep.prepare("gta", str(tmp_path / "gta"), workers=0, progress=False)
     assert (_trainids(tmp_path / "gta" / "labels" / "00002_labelTrainIds.png") == 255).all()
-    assert prep.main(["synthia", str(tmp_path / "missing"), "--workers", "0"]) == 1
+    assert prep.main(["synthia", str(tmp_path / "missing"), "--workers", "0"]) == 2
     assert "missing" in capsys.readouterr().err
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prep.main(["gta", str(tmp_path / "gta"), "--workers", "0"]) == 0
+
+
+def test_prepare_check_lists_bad_files_by_name_and_writes_nothing(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    root = tmp_path / "gta"
+    make_gta(root, rng, n=4)
+    bad_image = root / "images" / "00002.png"
+    bad_image.write_bytes(bad_image.read_bytes()[:70])  # truncated
+    Image.fromarray(_rgb(rng, 2 * H, 2 * W)).save(root / "images" / "00003.png")  # other size
+    Image.fromarray(np.full((H, W), 50, np.uint8)).save(root / "labels" / "00004.png")  # id 50
+    before = sorted(p for p in root.rglob("*"))
+    assert prep.main(["gta", str(root), "--check", "--workers", "0"]) == 2
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert any(line.startswith("unreadable:") and str(bad_image) in line for line in lines)
+    assert any(line.startswith("size:") and "00003.png is 20x12" in line and "40x24" in line
+               for line in lines)
+    assert any(line.startswith("unknown ids:") and "00004.png: 240 pixels with ids [50]" in line
+               for line in lines)
+    assert lines[-1] == (f"checked 4 samples of gta at {root}: 1 unreadable file(s), 1 label(s) "
+                         "of another size than their image, 1 label(s) with unknown ids")
+    err_lines = err.strip().splitlines()  # after the progress bar
+    assert err_lines[-1].startswith(f"error: 1 unreadable file(s) in {root}")
+    assert str(bad_image) in err_lines[-1] and "Traceback" not in err
+    assert sorted(p for p in root.rglob("*")) == before  # nothing written
+    # Warnings alone: exit status 0, unless --strict.
+    Image.fromarray(_rgb(rng)).save(bad_image)
+    assert prep.main(["gta", str(root), "--check", "--workers", "0"]) == 0
+    assert "1 label(s) with unknown ids" in capsys.readouterr().out
+    assert prep.main(["gta", str(root), "--check", "--strict", "--workers", "0"]) == 2
+    assert "--strict" in capsys.readouterr().err
+    # A clean data set, checked by worker processes.
+    make_cityscapes(tmp_path / "cs", rng, "val")
+    assert prep.main(["cityscapes", str(tmp_path / "cs"), "--check", "--splits", "val",
+                      "--workers", "2"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        f"checked 3 samples of cityscapes at {tmp_path / 'cs'}: 0 unreadable file(s), 0 label(s) "
+        "of another size than their image, 0 label(s) with unknown ids"]

@@ -51,14 +51,50 @@ def test_overrides_and_rejection_list_known_keys():
     (["--model.hrda.enabled=true", "--model.hrda.feature_weight_head=false"], "needs model.hrda.feature_weight_head"),
     (["--eval.protocols=[17]"], "eval.protocols must list some of"),
     (["--uda.start_iter=50", "--train.max_iters=10"], "beyond train.max_iters"),
-    (["--cl.temperature=0"], "cl.temperature must be > 0"),
+    (["--cl.temperature=0"], r"cl.temperature must be >= 0\.023"),
+    (["--cl.temperature=0.005"], r"cl.temperature must be >= 0\.023.*got 0\.005"),
     (["--model.num_classes=16"], "model.num_classes must be 19"),
     (["--experiment.threads=0"], "experiment.threads must be >= 1"),
     (["--cl.triton_variant=fastest"], r"cl\.triton_variant must be null or one of \['bf16prod', "),
+    # checked at start-up, not where first used (an evaluation hours into a run, the optimiser)
+    (["--eval.scales=[1.0, -0.5]"], r"eval\.scales must be positive"),
+    (["--eval.scales=[0]"], r"eval\.scales must be positive"),
+    (["--eval.mode=slide", "--eval.crop_size=[64,64]", "--eval.stride=[65,32]"],
+     r"eval\.stride \[65, 32\] must not exceed eval\.crop_size"),
+    (["--eval.stride=[0,32]"], r"eval\.stride: expected \[height, width\] of positive ints"),
+    (["--model.hrda.enabled=true", "--model.hrda.hr_slide_stride=[600,256]"],
+     r"model\.hrda\.hr_slide_stride \[600, 256\] must not exceed"),
+    (["--experiment.seed=-1"], r"experiment\.seed must lie in \[0, 2\*\*63\)"),
+    (["--experiment.seed=9223372036854775808"], r"experiment\.seed must lie in"),
+    (["--optim.betas=[0.9, 1.0]"], r"optim\.betas\[1\] must lie in \[0, 1\)"),
+    (["--optim.betas=[-0.1, 0.99]"], r"optim\.betas\[0\] must lie in"),
+    (["--optim.min_lr=0.1"], r"optim\.min_lr must be <= optim\.lr"),
+    (["--optim.grad_clip=0"], r"optim\.grad_clip must be > 0"),
+    (["--data.rcs_temperature=0"], r"data\.rcs_temperature must be > 0"),
+    (["--data.rcs_min_crop_ratio=1.5"], r"data\.rcs_min_crop_ratio must lie in \[0, 1\]"),
+    (["--data.flip_prob=2"], r"data\.flip_prob must lie in"),
+    (["--data.cat_max_ratio=0"], r"data\.cat_max_ratio must lie in \(0, 1\]"),
+    (["--uda.blur_p=1.5"], r"uda\.blur_p must lie in"),
+    (["--model.dropout=1.0"], r"model\.dropout must lie in \[0, 1\)"),
+    (["--model.backbone=resnet_101"], r"model\.backbone 'resnet_101' is neither"),
+    (["--model.hrda.enabled=true", "--model.hrda.lr_scale=0"], r"model\.hrda\.lr_scale must lie in"),
 ])
 def test_cross_field_checks(overrides, message):
     with pytest.raises(ConfigError, match=message):
         tiny(*overrides)
+
+
+def test_the_smallest_temperature_is_accepted():
+    from cluda.experiment import MIN_TEMPERATURE
+
+    assert tiny(f"--cl.temperature={MIN_TEMPERATURE}").cl.temperature == MIN_TEMPERATURE
+
+
+def test_non_finite_values_are_refused(tmp_path):
+    path = tmp_path / "nan.yaml"
+    path.write_text("cl:\n  weight: .nan\noptim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match=r"cl\.weight, optim\.lr: NaN or infinite"):
+        load_experiment(str(path))
 
 
 def test_triton_variant_reaches_the_op():

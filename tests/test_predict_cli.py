@@ -12,6 +12,7 @@ from PIL import Image
 
 import cluda.predict as pr
 from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
+from cluda.data.io import write_png16
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, colorize, lookup_table
 from cluda.data.transforms import denormalize, normalize, resize
 from cluda.evaluate import predict_probs
@@ -127,6 +128,22 @@ def test_predict_unreadable_images_write_nothing(tiny, tmp_path, capsys):
     rc = pr.main(["--checkpoint", str(tiny["paths"][0]), str(text), "--out", str(out)])
     check_error(rc, capsys.readouterr().err, f"cannot read image {text}")
     assert not out.exists()
+
+
+def test_predict_16bit_grey_image_is_the_8bit_image_not_a_white_frame(tiny, tmp_path):
+    grey = street_image(12, 36, 52).mean(axis=2).round().astype(np.uint16)  # (H, W) 0..255
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "eight.png")
+    write_png16(str(tmp_path / "sixteen.png"), grey * 257)  # the same picture, full 16-bit range
+    out = tmp_path / "out"
+    rc = pr.main(["--checkpoint", str(tiny["paths"][1]), str(tmp_path / "eight.png"),
+                  str(tmp_path / "sixteen.png"), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    eight, sixteen = (png(out / "trainIds" / f"{n}_trainIds.png") for n in ("eight", "sixteen"))
+    np.testing.assert_array_equal(sixteen, eight)
+    np.testing.assert_array_equal(png(out / "overlay" / "sixteen_overlay.png"),
+                                  png(out / "overlay" / "eight_overlay.png"))
+    white = np.full((36, 52, 3), 255, np.uint8)  # what Image.convert("RGB") made of it
+    assert not np.array_equal(sixteen, reference_prediction(tiny["models"][1], tiny["cfg"], white))
 
 
 def test_predict_bad_paths_and_checkpoints(tiny, tmp_path, capsys):

@@ -14,6 +14,7 @@ import torch
 import train
 from cluda import runs
 from cluda.config import ConfigError
+from cluda.errors import is_user_error
 from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
 from cluda.uda import StepResult, TrainForward
 from test_data_real import make_cityscapes
@@ -166,8 +167,9 @@ def test_non_finite_gradients_never_reach_the_weights(tmp_path, policy):
     before = {k: v.clone() for k, v in student.state_dict().items()}
     moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
     if policy == "stop":
-        with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 1.*stopped"):
+        with pytest.raises(FloatingPointError, match=r"non-finite gradients at iteration 1.*stopped") as err:
             train.train_step(it=1, step=_nan_gradient_step(), **kw)
+        assert is_user_error(err.value)  # a setting to change: one line from the command line
     else:
         with pytest.warns(RuntimeWarning, match=r"non-finite gradients at iteration 1 .*parameter.*skipped"):
             logs = train.train_step(it=1, step=_nan_gradient_step(), **kw)

@@ -25,6 +25,7 @@ import warnings
 
 import numpy as np
 
+from cluda.errors import DataError
 from cluda.fileio import atomic_open
 
 from .labels import CLASS_NAMES, NUM_CLASSES
@@ -69,23 +70,33 @@ def save_class_stats(stats, path):
 
 
 def load_class_stats(path):
-    """Read and check a statistics JSON file written by `save_class_stats`."""
+    """Read and check a statistics JSON file written by `save_class_stats`.
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        DataError (a ValueError): the file is not valid JSON or not such a file, naming it and
+            what is wrong (rerunning `python -m cluda.data.prepare` rewrites it).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"class statistics not found: {path} (run "
                                 f"`python -m cluda.data.prepare DATASET ROOT`)")
+    rerun = "rerun `python -m cluda.data.prepare DATASET ROOT` to rewrite it"
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             stats = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read class statistics {path}: {e}") from e
+        raise DataError(f"cannot read class statistics {path}: {' '.join(str(e).split())}; "
+                        f"{rerun}") from e
     if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
-        raise ValueError(f"{path} is not a {STATS_FORMAT} class statistics file")
+        raise DataError(f"{path} is not a {STATS_FORMAT} class statistics file; {rerun}")
     if stats.get("num_classes") != NUM_CLASSES or not isinstance(stats.get("images"), dict):
-        raise ValueError(f"{path}: expected {NUM_CLASSES} classes and an 'images' mapping")
+        raise DataError(f"{path}: expected {NUM_CLASSES} classes and an 'images' mapping; {rerun}")
     for name, counts in stats["images"].items():
-        if not isinstance(counts, list) or len(counts) != NUM_CLASSES:
-            raise ValueError(f"{path}: counts of image {name!r} must be a list of "
-                             f"{NUM_CLASSES} ints")
+        if (not isinstance(counts, list) or len(counts) != NUM_CLASSES
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                           for v in counts)):
+            raise DataError(f"{path}: counts of image {name!r} must be a list of {NUM_CLASSES} "
+                            f"non-negative ints, got {str(counts)[:80]}; {rerun}")
     return stats
 
 
@@ -122,7 +133,7 @@ def rcs_class_probabilities(class_pixels, *, temperature=0.01):
     if pixels.shape != (NUM_CLASSES,) or (pixels < 0).any():
         raise ValueError(f"class_pixels must be {NUM_CLASSES} non-negative counts, got {pixels}")
     if pixels.sum() <= 0:
-        raise ValueError("class statistics hold no labelled pixel")
+        raise DataError("class statistics hold no labelled pixel")
     freq = pixels / pixels.sum()
     classes = np.flatnonzero(pixels > 0)
     logits = (1.0 - freq[classes]) / temperature
@@ -155,8 +166,8 @@ class RareClassSampler:
         index_of = {n: i for i, n in enumerate(names)}
         known = [n for n in sorted(stats["images"]) if n in index_of]
         if not known:
-            raise ValueError("none of the data set's samples is in the class statistics (were "
-                             "they computed for another data set or split?)")
+            raise DataError("none of the data set's samples is in the class statistics (were "
+                            "they computed for another data set or split?)")
         missing = len(index_of) - len(known)
         if missing:
             warnings.warn(f"{missing} of {len(index_of)} samples have no class statistics and "
@@ -172,7 +183,8 @@ class RareClassSampler:
                 self.samples_with_class[int(c)] = holders
                 keep.append((int(c), p))
         if not keep:
-            raise ValueError(f"no image holds more than {min_pixels} pixels of any class")
+            raise DataError(f"no image holds more than {min_pixels} pixels of any class: lower "
+                            "data.rcs_min_pixels or set data.rcs: false")
         dropped = [CLASS_NAMES[c] for c in classes if int(c) not in self.samples_with_class]
         if dropped:
             warnings.warn(f"rare class sampling: no image holds more than {min_pixels} pixels of "
