@@ -44,6 +44,7 @@ from cluda.experiment import (Config, build_model, build_train_dataset, build_ud
                               load_experiment, load_model_from_checkpoint, load_state_checked,
                               make_predict_fn, output_dir, resolve_device, save_checkpoint)
 from cluda.fileio import atomic_open
+from cluda.inference_memory import MemoryCheck
 from cluda.models import build_imnet_encoder
 from cluda.teacher import ema_alpha, ema_update, make_teacher
 from cluda.uda import TrainForward, UDAStep, step_seed
@@ -314,7 +315,8 @@ def evaluate_model(model: torch.nn.Module, val_data, cfg: Config, device: torch.
     with autocast(cfg, device):
         result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
                           protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
-                          device=device, progress=progress and rank == 0)
+                          device=device, progress=progress and rank == 0,
+                          memory_check=MemoryCheck(model, cfg, device))
     model.train(was_training)
     matrix = result["matrix"]
     if world > 1:
@@ -513,7 +515,7 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
         generator=torch.Generator(), persistent_workers=False)
     val_data = build_val_dataset(cfg)
     if main_proc:
-        check_val_data(val_data, cfg)
+        check_val_data(val_data, cfg, MemoryCheck(student, cfg, device))
 
     # ---- every check passed: record the run ----
     terms = step.term_names()
@@ -637,15 +639,24 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
             "student": student, "teacher": teacher}
 
 
-def check_val_data(val_data, cfg: Config) -> None:
-    """Read every validation image and label once at start-up (real data sets; synthetic scenes
-    are generated and cannot be corrupt), so that a missing or corrupt file fails the start, not
-    the first evaluation thousands of iterations in."""
+def check_val_data(val_data, cfg: Config, memory_check: MemoryCheck) -> None:
+    """Fail at start-up, not at the first evaluation thousands of iterations in: read every
+    validation image and label once (real data sets; synthetic scenes are generated and cannot be
+    corrupt), and estimate the evaluation's memory for each image size (`eval.mode`, scales; the
+    memory free now, before training takes its share, so only what can never fit is refused)."""
     if cfg.data.val.kind == "synthetic":
-        return
-    loader = torch.utils.data.DataLoader(val_data, batch_size=None, num_workers=cfg.eval.workers)
-    for _ in loader:
-        pass
+        sizes = {(tuple(val_data[0]["img"].shape), tuple(val_data[0]["label"].shape[-2:]), "val[0]")}
+    else:
+        sizes = set()
+        loader = torch.utils.data.DataLoader(val_data, batch_size=None, num_workers=cfg.eval.workers)
+        for i, sample in enumerate(loader):
+            sizes.add((tuple(sample["img"].shape), tuple(sample["label"].shape[-2:]),
+                       str(sample.get("path", f"val[{i}]"))))
+    seen = set()
+    for img_shape, out_size, what in sorted(sizes):
+        if (img_shape, out_size) not in seen:
+            seen.add((img_shape, out_size))
+            memory_check((cfg.eval.batch_size,) + img_shape, out_size, what=what)
 
 
 def _class_names(cfg: Config) -> List[str]:

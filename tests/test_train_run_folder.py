@@ -14,7 +14,7 @@ import torch
 import train
 from cluda import runs
 from cluda.config import ConfigError
-from cluda.errors import is_user_error
+from cluda.errors import UserError, is_user_error
 from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
 from cluda.uda import StepResult, TrainForward
 from test_data_real import make_cityscapes
@@ -45,7 +45,7 @@ def test_a_finished_run_is_never_overwritten_without_overwrite(tmp_path):
         train.main(tiny_overrides(tmp_path) + ["--overwrite", "--resume"])
 
 
-def test_a_failed_start_writes_nothing(tmp_path):
+def test_a_failed_start_writes_nothing(tmp_path, monkeypatch):
     # a validation file that cannot be read fails the start, before config.yaml or any iteration
     rng = np.random.default_rng(0)
     make_cityscapes(tmp_path / "cs", rng, "val")
@@ -55,6 +55,13 @@ def test_a_failed_start_writes_nothing(tmp_path):
         run(tmp_path, "--data.val.kind=cityscapes", f"--data.val.root={tmp_path / 'cs'}")
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert runs.RunFolder(str(tmp_path / "run"), resume=False, overwrite=False).outputs() == []
+
+    # an evaluation that can never fit in memory is refused at the start, not at its first run
+    monkeypatch.setenv("CLUDA_INFERENCE_MEMORY_GIB", "0.001")
+    with pytest.raises(UserError, match=r"val\[0\]"):
+        run(tmp_path / "m")
+    assert not (tmp_path / "m" / "run" / "config.yaml").exists()
+    monkeypatch.delenv("CLUDA_INFERENCE_MEMORY_GIB")
 
     # a resume refused for a changed model leaves the folder as it was, config.yaml included
     run(tmp_path / "b", "--train.max_iters=2")
