@@ -205,7 +205,11 @@ class CLSection:
     impl: `kernels.pixel_infonce` implementation ("auto": Triton on CUDA, tiled torch on CPU).
     triton_variant: launch preset of the Triton kernels (`kernels.triton_infonce.VARIANTS`; None:
     the default, tuned on an H200); on another GPU `python -m bench.bench_pixel_infonce
-    --variants all` says which is fastest there."""
+    --variants all` says which is fastest there. objective: "paper" (Eq. 2-7) or "released": the
+    objective the released CLUDA code computes instead (`cluda.losses` module docstring: 65 x 65
+    features, pixel-major features against image-major labels, 255 a class, all pairs, w_i * w_j
+    on positive pairs, tau 1, its LR-anchor multi-resolution loss); it fixes temperature, pairs,
+    weighting and feat_size, which must keep their defaults, and with HRDA multires "weighted"."""
     source: bool = True
     mixed: bool = True
     weight: float = 1.0
@@ -216,6 +220,7 @@ class CLSection:
     multires: Literal["lr", "lr+hr", "weighted"] = "weighted"
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"
     triton_variant: Optional[str] = None
+    objective: Literal["paper", "released"] = "paper"
 
 
 @dataclass
@@ -340,6 +345,18 @@ def validate(cfg: Config) -> Config:
     if c.temperature <= 0 or c.weight < 0:
         raise ConfigError(f"cl.temperature must be > 0 and cl.weight >= 0, got {c.temperature}, "
                           f"{c.weight}")
+    if c.objective == "released":
+        defaults = CLSection()
+        changed = [f"cl.{k}={getattr(c, k)!r}" for k in ("temperature", "pairs", "weighting", "feat_size")
+                   if getattr(c, k) != getattr(defaults, k)]
+        if m.hrda.enabled and c.multires != "weighted":
+            changed.append(f"cl.multires={c.multires!r}")
+        if changed:
+            raise ConfigError(
+                "cl.objective 'released' fixes tau (1), the pairs (all), the weighting (w_i * w_j) "
+                "and the 65 x 65 feature grid, and has only the 'weighted' multi-resolution loss: "
+                f"leave cl.temperature, cl.pairs, cl.weighting, cl.feat_size and cl.multires at "
+                f"their defaults; got {', '.join(changed)}")
     if c.triton_variant is not None:
         from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
         if c.triton_variant not in VARIANTS:
@@ -546,7 +563,7 @@ def build_uda_step(cfg: Config):
         contrastive = ContrastiveLoss(temperature=c.temperature, pairs=c.pairs,
                                       weighting=c.weighting, feat_size=c.feat_size,
                                       thing_classes=THING_CLASSES, impl=c.impl,
-                                      variant=c.triton_variant)
+                                      variant=c.triton_variant, objective=c.objective)
     return UDAStep(
         self_training=u.enabled, start_iter=u.start_iter, pseudo_threshold=u.pseudo_threshold,
         ignore_top=u.ignore_top, ignore_bottom=u.ignore_bottom, mix=u.mix,
