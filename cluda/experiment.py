@@ -99,10 +99,17 @@ class DatasetSection:
 @dataclass
 class DataSection:
     """Training data. crop_size: (height, width) of the random training crop (DAFormer 512,
-    HRDA 1024). cat_max_ratio / flip_prob: mmseg's crop rule and flip probability. rcs: rare
-    class sampling of source images (DAFormer: temperature 0.01, an image needs more than
-    `rcs_min_pixels` pixels of the class, crops re-drawn up to `rcs_max_crop_tries` times until
-    they hold `rcs_min_crop_ratio` of that). class_stats: the statistics file; None means
+    HRDA 1024). cat_max_ratio / flip_prob: mmseg's crop rule and flip probability; the rule picks
+    source crops only (target crops are drawn without reading the target's labels, as DAFormer's
+    and HRDA's target pipelines do: the rule would choose them with the target's ground truth).
+    rcs: rare class sampling of source images (DAFormer: temperature 0.01, an image needs more
+    than `rcs_min_pixels` pixels of the class, crops re-drawn up to `rcs_max_crop_tries` times
+    until they hold `rcs_min_crop_ratio` of that; DAFormer 0.5, HRDA 2.0 for its 4x larger
+    inputs). target_pseudo_margins: None, or [top, bottom, left, right] pixels of the resized
+    target image whose pseudo-labels get weight 0, marked before the crop so that a crop loses
+    them only where it touches the image border (HRDA's `crop_pseudo_margins`, [30, 240, 30, 30]
+    at 2048 x 1024); applied on top of uda.ignore_top / ignore_bottom, which act on every crop
+    (DAFormer's 15 / 120). class_stats: the statistics file; None means
     `<source root>/class_stats.json` (written by `python -m cluda.data.prepare`), or computed in
     memory for synthetic data. batch_size: source and target images per process and step
     (DAFormer: 2 + 2). workers: DataLoader worker processes."""
@@ -117,6 +124,7 @@ class DataSection:
     rcs_min_pixels: int = 3000
     rcs_min_crop_ratio: float = 0.5
     rcs_max_crop_tries: int = 10
+    target_pseudo_margins: Optional[List[int]] = None
     class_stats: Optional[str] = None
     batch_size: int = 2
     workers: int = 4
@@ -322,6 +330,10 @@ def validate(cfg: Config) -> Config:
                           f"{d.target.kind!r}: the source must be labelled synthetic data "
                           "(synthetic, gta, synthia) and the target real or synthetic "
                           "(cityscapes, synthetic)")
+    if d.target_pseudo_margins is not None and (len(d.target_pseudo_margins) != 4
+                                                 or min(d.target_pseudo_margins) < 0):
+        raise ConfigError(f"data.target_pseudo_margins must be null or [top, bottom, left, right] "
+                          f"pixels >= 0, got {d.target_pseudo_margins}")
     if d.batch_size < 1 or d.workers < 0:
         raise ConfigError(f"data.batch_size must be >= 1 and data.workers >= 0, got "
                           f"{d.batch_size}, {d.workers}")
@@ -521,12 +533,16 @@ def build_train_dataset(cfg: Config, *, length: Optional[int] = None):
     d = cfg.data
     crop = tuple(d.crop_size)
 
-    def tf(ds: DatasetSection):
+    def tf(ds: DatasetSection, **kw):
         return train_transform(scale=None if ds.scale is None else tuple(ds.scale), crop_size=crop,
-                               cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob)
+                               flip_prob=d.flip_prob, **kw)
 
-    source = build_dataset(d.source, role="source", transform=tf(d.source))
-    target = build_dataset(d.target, role="target", transform=tf(d.target))
+    source = build_dataset(d.source, role="source", transform=tf(d.source, cat_max_ratio=d.cat_max_ratio))
+    # The target crop must not depend on the target's ground truth (no category-max rule): only
+    # its images and, via the margins, their geometry enter training.
+    target = build_dataset(d.target, role="target",
+                           transform=tf(d.target, cat_max_ratio=1.0,
+                                        pseudo_margins=d.target_pseudo_margins))
     rcs = None
     if d.rcs:
         if isinstance(source, torch.utils.data.Subset):
