@@ -19,15 +19,26 @@ augmentation draws); the scenes themselves are the same for every run. Methods:
 - DAFormer + CLUDA, tau 0.1: a diagnostic. The demo's temperature is the original code's 1, with
   which the cosine logits stay in [-1, 1] and the source CL loss hardly moves; 0.1 (a common
   supervised-contrastive choice) lets the term actually shape the features.
+- DAFormer + CLUDA, all pairs: `cl.pairs=all`, stuff-thing pairs included (the paper's
+  S-S + T-T + S-T, and what the released code trains with);
+- DAFormer + CLUDA, pair weighting: `cl.weighting=pair`, the mixed term's weights w_i * w_j on
+  each positive pair (the released code) instead of w_i on the anchor (the paper);
+- DAFormer + CLUDA, CL weight 0.1: `cl.weight=0.1`, both CL terms scaled down tenfold;
+- DAFormer + CLUDA, released objective: `cl.objective=released`, what the released code computes
+  (`cluda.losses`: 65 x 65 features, pixel-major features against image-major labels, 255 a
+  class, all pairs, w_i * w_j). On the demo's 32 x 32 fused maps the 65 x 65 resize is an
+  upsampling (the released code shrinks 128 x 128 maps), so the call holds 4x the pixels and 16x
+  the pairs: these runs take about 20x longer than the others on a CPU.
 
 The score is the target (synthetic "camera" look) validation mIoU over 19 classes at the last
 iteration, reported as mean and sample standard deviation over seeds.
 
     python -m bench.ablation [--seeds 0 1 2] [--methods ...] [--work-dir work_dirs/ablation]
 
-Writes `bench/results/ablation.csv` (one row per run, rewritten after each run; a (method, seed)
-already in it is skipped unless --rerun, so an interrupted ablation continues; each row records
-the git revision and torch thread count it ran with) and
+Writes `bench/results/ablation.csv` (one row per run, rewritten after each run from the file's
+current rows, so two harnesses with different --methods / --seeds can run side by side; a
+(method, seed) already in it is skipped unless --rerun, so an interrupted ablation continues;
+each row records the git revision and torch thread count it ran with) and
 `bench/results/ablation.md` (the table, with device, date and git revision).
 """
 import argparse
@@ -61,6 +72,10 @@ METHODS: Dict[str, Tuple[List[str], Optional[List[str]]]] = {
     "DAFormer + CLUDA, CL at 16x16": (["--cl.feat_size=[16,16]"], None),
     "DAFormer + CLUDA, CL after the warm-up": ([], NO_CL),
     "DAFormer + CLUDA, tau 0.1": (["--cl.temperature=0.1"], None),
+    "DAFormer + CLUDA, all pairs": (["--cl.pairs=all"], None),
+    "DAFormer + CLUDA, pair weighting": (["--cl.weighting=pair"], None),
+    "DAFormer + CLUDA, CL weight 0.1": (["--cl.weight=0.1"], None),
+    "DAFormer + CLUDA, released objective": (["--cl.objective=released"], None),
 }
 COLUMNS = ["method", "seed", "mIoU", "mIoU_warmup_end", "iterations", "wall_s", "threads", "device",
            "date", "revision"]
@@ -175,6 +190,7 @@ def main(argv=None) -> int:
             row = run_one(method, seed, args.work_dir, extra, demo.uda.start_iter)
             row.update(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
                        revision=rev, threads=torch.get_num_threads())
+            rows = read_rows(csv_path)  # another harness may have added rows meanwhile
             rows = [r for r in rows if not (r["method"] == method and int(r["seed"]) == seed)] + [row]
             write_rows(csv_path, rows)
             print(f"{method}, seed {seed}: target mIoU {100 * row['mIoU']:.2f} ({row['wall_s']} s)")
