@@ -252,7 +252,9 @@ class OptimSection:
 class TrainSection:
     """max_iters: training iterations (40k in the paper). log_interval / eval_interval /
     checkpoint_interval: in iterations (0 disables periodic evaluation / checkpoints; the last
-    iteration always evaluates and saves). amp: bfloat16 autocast on CUDA (ignored on the CPU).
+    iteration always evaluates and saves; the last evaluation is the result to report, as the
+    papers report their final checkpoints). amp: bfloat16 autocast on CUDA (ignored on the CPU);
+    the released DAFormer / HRDA / CLUDA code trains in float32, which amp: false reproduces.
     tensorboard: also write TensorBoard events when the package is installed."""
     max_iters: int = 40000
     log_interval: int = 50

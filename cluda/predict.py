@@ -549,8 +549,8 @@ def _predict_parser() -> argparse.ArgumentParser:
             "every input is decoded and the checkpoint loaded before anything is written; each\n"
             "image's files are then written atomically as it is predicted.\n\n"
             "examples:\n"
-            "  python -m cluda.predict --checkpoint work_dirs/demo/best.pt street.png --out preds\n"
-            "  python -m cluda.predict --checkpoint best.pt /data/cityscapes/leftImg8bit/val \\\n"
+            "  python -m cluda.predict --checkpoint work_dirs/demo/latest.pt street.png --out preds\n"
+            "  python -m cluda.predict --checkpoint latest.pt /data/cityscapes/leftImg8bit/val \\\n"
             "      --out preds --mode slide\n\n"
             "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
@@ -590,7 +590,7 @@ def _compare_parser() -> argparse.ArgumentParser:
             "--config, or else of the last checkpoint's stored config."),
         epilog=(
             "example:\n"
-            "  python -m cluda.predict compare --checkpoints source_only/best.pt cluda/best.pt \\\n"
+            "  python -m cluda.predict compare --checkpoints source_only/latest.pt cluda/latest.pt \\\n"
             "      --num 4 --out figure3.png\n\n"
             "exit status: 0 done, 2 bad input (message on stderr, nothing written)."))
     parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("CKPT_A", "CKPT_B"),
