@@ -575,6 +575,7 @@ def _released_multires_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor, hr_
     cross = torch.where(class_size > 1, cross / (class_size - 1).clamp_min(1), torch.zeros_like(cross))
     return 0.5 * (lr_term + cross).sum() / n
 
+
 class ContrastiveLoss(nn.Module):
     """The CLUDA contrastive terms with their settings fixed once (from the config).
 
