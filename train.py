@@ -256,8 +256,10 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     src_img = src["img"].to(device, non_blocking=True)
     src_label = src["label"].to(device, non_blocking=True)
     tgt_img = tgt["img"].to(device, non_blocking=True)
+    tgt_valid = tgt["pseudo_valid"].to(device, non_blocking=True) if "pseudo_valid" in tgt else None
     with autocast(cfg, device):
-        result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet)
+        result = step(net, teacher, src_img, src_label, tgt_img, it=it, rank=rank, imnet=imnet,
+                      target_valid=tgt_valid)
     loss = sum(result.losses.values())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -19,15 +19,28 @@ augmentation draws); the scenes themselves are the same for every run. Methods:
 - DAFormer + CLUDA, tau 0.1: a diagnostic. The demo's temperature is the original code's 1, with
   which the cosine logits stay in [-1, 1] and the source CL loss hardly moves; 0.1 (a common
   supervised-contrastive choice) lets the term actually shape the features.
+- DAFormer + CLUDA, all pairs: `cl.pairs=all`, stuff-thing pairs included (the paper's
+  S-S + T-T + S-T, and what the released code trains with);
+- DAFormer + CLUDA, pair weighting: `cl.weighting=pair`, the mixed term's weights w_i * w_j on
+  each positive pair (the released code) instead of w_i on the anchor (the paper);
+- DAFormer + CLUDA, CL weight 0.1: `cl.weight=0.1`, both CL terms scaled down tenfold;
+- DAFormer + CLUDA, released objective at 16x16: `cl.objective=released`, what the released code
+  computes (`cluda.losses`: pixel-major features against image-major labels, 255 a class, all
+  pairs, w_i * w_j on positives, tau 1) on features resized to a fixed grid. The released grid,
+  65 x 65, is the release's resize of 128 x 128 fused maps (512 crops); on the demo's 32 x 32 maps
+  it would be an upsampling to 4x the pixels (16x the pairs, about 20x the run time on this CPU),
+  so these runs scale it like the "CL at 16x16" row (`cluda.losses.RELEASED_FEAT_SIZE`
+  patched to 16 x 16 for the run), which is the same objective's paper counterpart.
 
 The score is the target (synthetic "camera" look) validation mIoU over 19 classes at the last
 iteration, reported as mean and sample standard deviation over seeds.
 
     python -m bench.ablation [--seeds 0 1 2] [--methods ...] [--work-dir work_dirs/ablation]
 
-Writes `bench/results/ablation.csv` (one row per run, rewritten after each run; a (method, seed)
-already in it is skipped unless --rerun, so an interrupted ablation continues; each row records
-the git revision and torch thread count it ran with) and
+Writes `bench/results/ablation.csv` (one row per run, rewritten after each run from the file's
+current rows, so two harnesses with different --methods / --seeds can run side by side; a
+(method, seed) already in it is skipped unless --rerun, so an interrupted ablation continues;
+each row records the git revision and torch thread count it ran with) and
 `bench/results/ablation.md` (the table, with device, date and git revision).
 """
 import argparse
@@ -40,18 +53,22 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+from unittest import mock
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import train  # noqa: E402  (the repository root must be importable first)
+import cluda.losses  # noqa: E402  (the repository root must be importable first)
+import train  # noqa: E402
 from bench.utils import device_name  # noqa: E402
 from cluda.fileio import atomic_open, atomic_write  # noqa: E402
 
 DEMO = REPO / "configs" / "demo.yaml"
 NO_CL = ["--cl.source=false", "--cl.mixed=false"]
+# The released objective's fixed grid for methods that use it (see the module docstring).
+RELEASED_GRID = {"DAFormer + CLUDA, released objective at 16x16": (16, 16)}
 # method: (overrides, overrides of a separate warm-up phase or None). A separate warm-up runs
 # until uda.start_iter with its own switches and the method resumes from its checkpoint.
 METHODS: Dict[str, Tuple[List[str], Optional[List[str]]]] = {
@@ -61,6 +78,10 @@ METHODS: Dict[str, Tuple[List[str], Optional[List[str]]]] = {
     "DAFormer + CLUDA, CL at 16x16": (["--cl.feat_size=[16,16]"], None),
     "DAFormer + CLUDA, CL after the warm-up": ([], NO_CL),
     "DAFormer + CLUDA, tau 0.1": (["--cl.temperature=0.1"], None),
+    "DAFormer + CLUDA, all pairs": (["--cl.pairs=all"], None),
+    "DAFormer + CLUDA, pair weighting": (["--cl.weighting=pair"], None),
+    "DAFormer + CLUDA, CL weight 0.1": (["--cl.weight=0.1"], None),
+    "DAFormer + CLUDA, released objective at 16x16": (["--cl.objective=released"], None),
 }
 COLUMNS = ["method", "seed", "mIoU", "mIoU_warmup_end", "iterations", "wall_s", "threads", "device",
            "date", "revision"]
@@ -89,13 +110,15 @@ def run_one(method: str, seed: int, work_dir: str, extra: List[str], start_iter:
             f"--experiment.name={name}", "--train.tensorboard=false"]
     overrides, warmup = METHODS[method]
     t0 = time.time()
+    grid = RELEASED_GRID.get(method, cluda.losses.RELEASED_FEAT_SIZE)
     # --overwrite: a method's run folder is the harness's own; a rerun replaces it
-    if warmup is None:
-        result = train.main(base + overrides + extra + ["--overwrite"])
-    else:
-        train.main(base + warmup + extra + [f"--stop-at={start_iter}", "--overwrite"])
-        # the method's switches differ from the warm-up's: a deliberate change on resume
-        result = train.main(base + overrides + extra + ["--resume", "--allow-changes"])
+    with mock.patch.object(cluda.losses, "RELEASED_FEAT_SIZE", grid):
+        if warmup is None:
+            result = train.main(base + overrides + extra + ["--overwrite"])
+        else:
+            train.main(base + warmup + extra + [f"--stop-at={start_iter}", "--overwrite"])
+            # the method's switches differ from the warm-up's: a deliberate change on resume
+            result = train.main(base + overrides + extra + ["--resume", "--allow-changes"])
     wall = time.time() - t0
     warm = ""
     with open(Path(work_dir) / name / "eval.csv", newline="") as f:
@@ -177,6 +200,7 @@ def main(argv=None) -> int:
             row = run_one(method, seed, args.work_dir, extra, demo.uda.start_iter)
             row.update(device=device, date=datetime.datetime.now().isoformat(timespec="seconds"),
                        revision=rev, threads=torch.get_num_threads())
+            rows = read_rows(csv_path)  # another harness may have added rows meanwhile
             rows = [r for r in rows if not (r["method"] == method and int(r["seed"]) == seed)] + [row]
             write_rows(csv_path, rows)
             print(f"{method}, seed {seed}: target mIoU {100 * row['mIoU']:.2f} ({row['wall_s']} s)")

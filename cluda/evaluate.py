@@ -790,8 +790,8 @@ def _eval_parser() -> argparse.ArgumentParser:
             "  eval_<checkpoint>[_<split>][_teacher].json  every number, the confusion matrix\n"
             "with several protocols, the .md / .csv names end in _<protocol> (e.g. _16, _13).\n\n"
             "examples:\n"
-            "  python -m cluda.evaluate --checkpoint work_dirs/demo/best.pt\n"
-            "  python -m cluda.evaluate --checkpoint best.pt --data.val.root=/data/cityscapes \\\n"
+            "  python -m cluda.evaluate --checkpoint work_dirs/demo/latest.pt\n"
+            "  python -m cluda.evaluate --checkpoint latest.pt --data.val.root=/data/cityscapes \\\n"
             "      --mode slide --protocols 16 13 --out results/\n\n"
             + EXIT_STATUS_HELP))
     parser.add_argument("--checkpoint", required=True, metavar="CKPT",

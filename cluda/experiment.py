@@ -105,10 +105,17 @@ class DatasetSection:
 @dataclass
 class DataSection:
     """Training data. crop_size: (height, width) of the random training crop (DAFormer 512,
-    HRDA 1024). cat_max_ratio / flip_prob: mmseg's crop rule and flip probability. rcs: rare
-    class sampling of source images (DAFormer: temperature 0.01, an image needs more than
-    `rcs_min_pixels` pixels of the class, crops re-drawn up to `rcs_max_crop_tries` times until
-    they hold `rcs_min_crop_ratio` of that). class_stats: the statistics file; None means
+    HRDA 1024). cat_max_ratio / flip_prob: mmseg's crop rule and flip probability; the rule picks
+    source crops only (target crops are drawn without reading the target's labels, as DAFormer's
+    and HRDA's target pipelines do: the rule would choose them with the target's ground truth).
+    rcs: rare class sampling of source images (DAFormer: temperature 0.01, an image needs more
+    than `rcs_min_pixels` pixels of the class, crops re-drawn up to `rcs_max_crop_tries` times
+    until they hold `rcs_min_crop_ratio` of that; DAFormer 0.5, HRDA 2.0 for its 4x larger
+    inputs). target_pseudo_margins: None, or [top, bottom, left, right] pixels of the resized
+    target image whose pseudo-labels get weight 0, marked before the crop so that a crop loses
+    them only where it touches the image border (HRDA's `crop_pseudo_margins`, [30, 240, 30, 30]
+    at 2048 x 1024); applied on top of uda.ignore_top / ignore_bottom, which act on every crop
+    (DAFormer's 15 / 120). class_stats: the statistics file; None means
     `<source root>/class_stats.json` (written by `python -m cluda.data.prepare`), or computed in
     memory for synthetic data. batch_size: source and target images per process and step
     (DAFormer: 2 + 2). workers: DataLoader worker processes."""
@@ -123,6 +130,7 @@ class DataSection:
     rcs_min_pixels: int = 3000
     rcs_min_crop_ratio: float = 0.5
     rcs_max_crop_tries: int = 10
+    target_pseudo_margins: Optional[List[int]] = None
     class_stats: Optional[str] = None
     batch_size: int = 2
     workers: int = 4
@@ -212,7 +220,11 @@ class CLSection:
     impl: `kernels.pixel_infonce` implementation ("auto": Triton on CUDA, tiled torch on CPU).
     triton_variant: launch preset of the Triton kernels (`kernels.triton_infonce.VARIANTS`; None:
     the default, tuned on an H200); on another GPU `python -m bench.bench_pixel_infonce
-    --variants all` says which is fastest there."""
+    --variants all` says which is fastest there. objective: "paper" (Eq. 2-7) or "released": the
+    objective the released CLUDA code computes instead (`cluda.losses` module docstring: 65 x 65
+    features, pixel-major features against image-major labels, 255 a class, all pairs, w_i * w_j
+    on positive pairs, tau 1, its LR-anchor multi-resolution loss); it fixes temperature, pairs,
+    weighting and feat_size, which must keep their defaults, and with HRDA multires "weighted"."""
     source: bool = True
     mixed: bool = True
     weight: float = 1.0
@@ -223,6 +235,7 @@ class CLSection:
     multires: Literal["lr", "lr+hr", "weighted"] = "weighted"
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"
     triton_variant: Optional[str] = None
+    objective: Literal["paper", "released"] = "paper"
 
 
 @dataclass
@@ -246,7 +259,9 @@ class OptimSection:
 class TrainSection:
     """max_iters: training iterations (40k in the paper). log_interval / eval_interval /
     checkpoint_interval: in iterations (0 disables periodic evaluation / checkpoints; the last
-    iteration always evaluates and saves). amp: bfloat16 autocast on CUDA (ignored on the CPU).
+    iteration always evaluates and saves; the last evaluation is the result to report, as the
+    papers report their final checkpoints). amp: bfloat16 autocast on CUDA (ignored on the CPU);
+    the released DAFormer / HRDA / CLUDA code trains in float32, which amp: false reproduces.
     tensorboard: also write TensorBoard events when the package is installed. nonfinite: what a
     step with a non-finite loss or gradient does: "skip" (the weights and the optimiser's moments
     stay as they were, a warning names the iteration and the parameters, log.csv counts it in
@@ -360,6 +375,10 @@ def validate(cfg: Config) -> Config:
                           f"{d.target.kind!r}: the source must be labelled synthetic data "
                           "(synthetic, gta, synthia) and the target real or synthetic "
                           "(cityscapes, synthetic)")
+    if d.target_pseudo_margins is not None and (len(d.target_pseudo_margins) != 4
+                                                 or min(d.target_pseudo_margins) < 0):
+        raise ConfigError(f"data.target_pseudo_margins must be null or [top, bottom, left, right] "
+                          f"pixels >= 0, got {d.target_pseudo_margins}")
     if d.batch_size < 1 or d.workers < 0:
         raise ConfigError(f"data.batch_size must be >= 1 and data.workers >= 0, got "
                           f"{d.batch_size}, {d.workers}")
@@ -411,6 +430,18 @@ def validate(cfg: Config) -> Config:
                           f"{c.temperature}, {c.weight} (below {MIN_TEMPERATURE} float32's exp "
                           "range no longer holds every pair of unit features, see "
                           "kernels.pixel_infonce)")
+    if c.objective == "released":
+        defaults = CLSection()
+        changed = [f"cl.{k}={getattr(c, k)!r}" for k in ("temperature", "pairs", "weighting", "feat_size")
+                   if getattr(c, k) != getattr(defaults, k)]
+        if m.hrda.enabled and c.multires != "weighted":
+            changed.append(f"cl.multires={c.multires!r}")
+        if changed:
+            raise ConfigError(
+                "cl.objective 'released' fixes tau (1), the pairs (all), the weighting (w_i * w_j) "
+                "and the 65 x 65 feature grid, and has only the 'weighted' multi-resolution loss: "
+                f"leave cl.temperature, cl.pairs, cl.weighting, cl.feat_size and cl.multires at "
+                f"their defaults; got {', '.join(changed)}")
     if c.triton_variant is not None:
         from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
         if c.triton_variant not in VARIANTS:
@@ -620,12 +651,16 @@ def build_train_dataset(cfg: Config, *, length: Optional[int] = None):
     d = cfg.data
     crop = tuple(d.crop_size)
 
-    def tf(ds: DatasetSection):
+    def tf(ds: DatasetSection, **kw):
         return train_transform(scale=None if ds.scale is None else tuple(ds.scale), crop_size=crop,
-                               cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob)
+                               flip_prob=d.flip_prob, **kw)
 
-    source = build_dataset(d.source, role="source", transform=tf(d.source))
-    target = build_dataset(d.target, role="target", transform=tf(d.target))
+    source = build_dataset(d.source, role="source", transform=tf(d.source, cat_max_ratio=d.cat_max_ratio))
+    # The target crop must not depend on the target's ground truth (no category-max rule): only
+    # its images and, via the margins, their geometry enter training.
+    target = build_dataset(d.target, role="target",
+                           transform=tf(d.target, cat_max_ratio=1.0,
+                                        pseudo_margins=d.target_pseudo_margins))
     rcs = None
     if d.rcs:
         if isinstance(source, torch.utils.data.Subset):
@@ -662,7 +697,7 @@ def build_uda_step(cfg: Config):
         contrastive = ContrastiveLoss(temperature=c.temperature, pairs=c.pairs,
                                       weighting=c.weighting, feat_size=c.feat_size,
                                       thing_classes=THING_CLASSES, impl=c.impl,
-                                      variant=c.triton_variant)
+                                      variant=c.triton_variant, objective=c.objective)
     return UDAStep(
         self_training=u.enabled, start_iter=u.start_iter, pseudo_threshold=u.pseudo_threshold,
         ignore_top=u.ignore_top, ignore_bottom=u.ignore_bottom, mix=u.mix,

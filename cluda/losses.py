@@ -23,6 +23,30 @@ Total loss (CLUDA Eq. 6): l_ce^s + l_ce^t + L_CL^s + L_CL^m + lambda * L_FD, whe
   distance between the student's and a frozen ImageNet encoder's last-stage features on feature
   cells whose label is a thing class, averaged over those cells, times lambda = 0.005.
 
+`objective="released"` replays instead what the released CLUDA code (github.com/user0407/CLUDA,
+its `contrastive_loss` and `multi_resolution_cl`) computes, which is not Eq. 2-7. On the fused
+features resized to 65 x 65 (bilinear, align_corners=True; labels nearest; pixel weights
+bilinear), with tau = 1, w_i the mixed pixel weight (1 for the source term) and, for every row r
+of its N = B * 65 * 65 rows:
+
+- the feature of row r is pixel-major (row r = p * B + b: pixel p of image b) while its label and
+  weights are image-major (row r = b * 65 * 65 + p); at batch 1 the two agree, at batch 2 most
+  rows pair one pixel's feature with another pixel's label;
+- 255 is an ordinary class; every pair counts (its stuff / thing mask multiplies only positives,
+  which never cross the split, so it changes nothing);
+- P_r = rows j != r with label_j = label_r, l_rj = log(exp(s_rj) + Neg_r) - s_rj, Neg_r the sum
+  of exp(s_rn) over the rows n of other labels, s the cosine of two rows' features;
+- single resolution: L = 1/N sum_r 1/|P_r| sum_{j in P_r} w_r w_j l_rj (w_r w_j on positive
+  pairs only, rows without a positive count in N);
+- multi-resolution: the LR features are upsampled x2 (bilinear, align_corners=True) to the HR
+  frame, the HR detail features placed into a zero map of that frame, both then resized to 65 x 65;
+  a_r = delta (upsampled x2, align_corners=False, then to 65 x 65), m_r = 1 where the row's label
+  inside the detail box is not 0 (the box mask times the label, so "road" inside the box counts as
+  outside). Anchors are the LR rows only:
+  L = 0.5/N sum_r 1/|P_r| sum_{j in P_r} w_r w_j [a_r a_j m_r l_rj + (1 - a_r a_j m_r) x_rj],
+  with x_rj the same term between LR row r and HR row j (s: LR row against HR row; negatives: the
+  HR rows of other labels, zero features outside the box included).
+
 The pixel InfoNCE itself, L_i for every pixel without the N x N matrix, is `kernels.pixel_infonce`.
 """
 from typing import List, Optional, Sequence, Tuple, Union
@@ -36,6 +60,9 @@ from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
 
 PAIR_POLICIES = ("all", "stuff", "stuff+thing")
 WEIGHTINGS = ("anchor", "pair")
+OBJECTIVES = ("paper", "released")
+# The released code resizes every fused feature map to this grid before its loss.
+RELEASED_FEAT_SIZE = (65, 65)
 
 Box = Tuple[int, int, int, int]  # (top, left, height, width) in LR-feature cells
 Boxes = Union[Box, Sequence[Box], torch.Tensor]
@@ -135,13 +162,41 @@ def _flatten(feats: torch.Tensor) -> torch.Tensor:
 # Contrastive terms
 # ----------------------------------------------------------------------------------------------
 
-def _check_options(pairs: str, weighting: str, temperature: float) -> None:
+def _check_options(pairs: str, weighting: str, temperature: float, objective: str = "paper") -> None:
     if pairs not in PAIR_POLICIES:
         raise ValueError(f"pairs must be one of {PAIR_POLICIES}, got {pairs!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+
+
+# The arguments objective="released" fixes: (name, the default it must keep, what the released
+# code does instead).
+_RELEASED_FIXED = (
+    ("temperature", 1.0, "tau = 1"),
+    ("pairs", "stuff+thing", "all pairs"),
+    ("weighting", "anchor", "w_i * w_j on positive pairs"),
+    ("feat_size", None, "features resized to 65 x 65"),
+    ("thing_classes", tuple(THING_CLASSES), "a stuff / thing mask without effect"),
+    ("ignore_index", IGNORE_INDEX, "255 as an ordinary class"),
+    ("weighted", True, "its delta-weighted multi-resolution loss only"),
+)
+
+
+def _check_released(**given) -> None:
+    """ValueError unless every argument the released objective fixes is at its default."""
+    for name, default, what in _RELEASED_FIXED:
+        if name not in given:
+            continue
+        value = given[name]
+        if name == "thing_classes":
+            value = tuple(int(c) for c in value)
+        if value != default:
+            raise ValueError(f"objective='released' fixes {name} ({what}): leave it at its default "
+                             f"{default!r}, got {given[name]!r}")
 
 
 def _infonce_sum(feats: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], *,
@@ -175,7 +230,8 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
                      *, temperature: float = 1.0, pairs: str = "stuff+thing", weighting: str = "anchor",
                      feat_size: Optional[Sequence[int]] = None,
                      thing_classes: Sequence[int] = THING_CLASSES, ignore_index: int = IGNORE_INDEX,
-                     impl: str = "auto", variant: Optional[str] = None) -> torch.Tensor:
+                     impl: str = "auto", variant: Optional[str] = None,
+                     objective: str = "paper") -> torch.Tensor:
     """Source (Eq. 3) or mixed (Eq. 4-5) CLUDA contrastive loss over a whole batch, in one op call.
 
     L = (1 / A) * sum_i w_i L_i, with L_i the pixel InfoNCE of Eq. 2 (`kernels.pixel_infonce`),
@@ -199,11 +255,18 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
         ignore_index: label value of ignored pixels.
         impl: passed to `kernels.pixel_infonce` ("auto", "triton", "torch", "reference").
         variant: passed to `kernels.pixel_infonce`: the Triton launch preset (None: the default).
+        objective: "paper" (Eq. 2-5) or "released": the released code's objective (see the module
+            docstring), which fixes temperature, pairs, weighting, feat_size, thing_classes and
+            ignore_index: those must keep their defaults (ValueError otherwise).
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. feats (and weights if they require grad).
     """
-    _check_options(pairs, weighting, temperature)
+    _check_options(pairs, weighting, temperature, objective)
+    if objective == "released":
+        _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
+                        feat_size=feat_size, thing_classes=thing_classes, ignore_index=ignore_index)
+        return _released_contrastive_loss(feats, labels, weights, impl=impl, variant=variant)
     feats, labels, weights = to_feature_grid(feats, labels, weights, feat_size=feat_size)
     return _infonce_sum(_flatten(feats), labels.reshape(-1),
                         None if weights is None else weights.reshape(-1), exclusive=None,
@@ -281,7 +344,7 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
                               temperature: float = 1.0, pairs: str = "stuff+thing",
                               weighting: str = "anchor", thing_classes: Sequence[int] = THING_CLASSES,
                               ignore_index: int = IGNORE_INDEX, impl: str = "auto",
-                              variant: Optional[str] = None) -> torch.Tensor:
+                              variant: Optional[str] = None, objective: str = "paper") -> torch.Tensor:
     """Multi-resolution CLUDA (Eq. 7) on HRDA's LR context and HR detail features, one op call.
 
     Pixels: the B * h_lr * w_lr LR pixels, then the B * h_hr * w_hr HR pixels. HR pixels are
@@ -309,11 +372,25 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
         weighted: use delta / 1 - delta (True) or weight 1 everywhere (False).
         temperature, pairs, weighting, thing_classes, ignore_index, impl, variant: as
             `contrastive_loss`.
+        objective: "paper" (Eq. 7) or "released": the released code's multi-resolution objective
+            (see the module docstring; four op calls). It needs hr_feats, boxes and delta, reads
+            the labels and weights of the whole crop only (hr_labels / hr_weights are not used:
+            the released code takes the HR pixels' labels from the whole crop on its 65 x 65
+            grid), and fixes weighted and the options `contrastive_loss` lists (ValueError unless
+            they keep their defaults).
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. lr_feats, hr_feats and delta.
     """
-    _check_options(pairs, weighting, temperature)
+    _check_options(pairs, weighting, temperature, objective)
+    if objective == "released":
+        _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
+                        thing_classes=thing_classes, ignore_index=ignore_index, weighted=weighted)
+        if hr_feats is None or boxes is None or delta is None:
+            raise ValueError("objective='released' multi-resolution CL needs hr_feats, boxes and "
+                             "delta (the released code has only its delta-weighted LR + HR loss)")
+        return _released_multires_loss(lr_feats, lr_labels, hr_feats, boxes=boxes, delta=delta,
+                                       weights=lr_weights, impl=impl, variant=variant)
     common = dict(temperature=temperature, pairs=pairs, weighting=weighting,
                   thing_classes=thing_classes, ignore_index=ignore_index, impl=impl, variant=variant)
     if hr_feats is None:
@@ -355,6 +432,150 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
                         ignore_index=ignore_index, impl=impl, variant=variant)
 
 
+# ----------------------------------------------------------------------------------------------
+# The released code's objective (objective="released")
+# ----------------------------------------------------------------------------------------------
+
+def _released_grid(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The released code's resize of features and weight maps: bilinear, align_corners=True."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _pixel_major(feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (h * w * B, C), row p * B + b = pixel p of image b: the order of the
+    released code's `torch.cat(torch.unbind(feats, 1), 0)` on (B, h * w, C) features."""
+    return feats.flatten(2).permute(2, 0, 1).reshape(-1, feats.shape[1])
+
+
+# Labels are never negative, so -1 as the op's ignore_index makes every label, 255 included, a
+# class of its own, as in the released code.
+_NO_IGNORE = -1
+
+
+def _released_contrastive_loss(feats: torch.Tensor, labels: torch.Tensor,
+                               weights: Optional[torch.Tensor], *, impl: str,
+                               variant: Optional[str]) -> torch.Tensor:
+    """The released single-resolution loss (module docstring) as one op call: the features in the
+    released row order (pixel-major), labels and weights in theirs (image-major), u = w."""
+    _check_feats(feats, "feats")
+    labels = _label_map(labels, "labels")
+    if labels.shape[0] != feats.shape[0]:
+        raise ValueError(f"labels hold {labels.shape[0]} images, feats {feats.shape[0]}")
+    size = RELEASED_FEAT_SIZE
+    feats = _released_grid(feats, size)                          # (B, C, 65, 65)
+    rows = _pixel_major(feats)                                   # (N, C)
+    row_labels = _nearest(labels.long(), size).reshape(-1)       # (N,) image-major
+    w = None
+    if weights is not None:
+        weights = _weight_map(weights, "weights")
+        if weights.shape != labels.shape:
+            raise ValueError(f"weights shape {tuple(weights.shape)} != labels shape {tuple(labels.shape)}")
+        dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
+        w = _released_grid(weights[:, None].to(dtype), size).reshape(-1)  # (N,) image-major
+    per_row = kernels.pixel_infonce(rows, row_labels, temperature=1.0, pos_weight=w,
+                                    ignore_index=_NO_IGNORE, impl=impl, variant=variant)
+    if w is not None:
+        per_row = w.to(per_row.dtype) * per_row
+    return per_row.sum() / row_labels.numel()
+
+
+def _released_multires_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor, hr_feats: torch.Tensor,
+                            *, boxes: Boxes, delta: torch.Tensor, weights: Optional[torch.Tensor],
+                            impl: str, variant: Optional[str]) -> torch.Tensor:
+    """The released multi-resolution loss (module docstring) with four calls of the op.
+
+    Per LR anchor r the op sums u_j l_rj over the positives P_r for a partner weight u. The LR
+    term is one call (u = w * a, anchor weight w_r a_r m_r). The LR -> HR term pairs each LR row
+    with the HR rows only (the LR rows `exclusive`); its weight w_r w_j (1 - a_r a_j m_r) is
+    w_r w_j - (w_r a_r m_r)(w_j a_j): two calls, u = w and u = w * a. Those calls count HR row r
+    (which carries row r's label) as a positive of anchor r, which the released code leaves out
+    (the diagonal of its N x N mask), so its term u_r x_rr is taken off again. x_rr needs Neg_r,
+    which a fourth call gives: with one zero-feature partner per label holding all the positive
+    weight, (|P_r| + 1) L_r = log(Neg_r + K) for K labels (the K - 1 zero partners of other
+    labels add exp(0) = 1 each to the negatives).
+    """
+    _check_feats(lr_feats, "lr_feats")
+    _check_feats(hr_feats, "hr_feats")
+    lr_labels = _label_map(lr_labels, "lr_labels")
+    b, c, h, w = lr_feats.shape
+    hh, ww = hr_feats.shape[-2:]
+    if hr_feats.shape[:2] != (b, c) or lr_labels.shape[0] != b:
+        raise ValueError(f"hr_feats {tuple(hr_feats.shape)} and lr_labels {tuple(lr_labels.shape)} "
+                         f"must share the batch (and channels) of lr_feats {tuple(lr_feats.shape)}")
+    if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (b, 1, h, w):
+        raise ValueError(f"delta must be (B, 1, h_lr, w_lr) = {(b, 1, h, w)}, got "
+                         f"{tuple(getattr(delta, 'shape', ()))}")
+    box_list = _parse_boxes(boxes, b, h, w)
+    scale = hh // box_list[0][2]
+    if any(bh * scale != hh or bw * scale != ww for _, _, bh, bw in box_list):
+        raise ValueError(f"objective='released' needs the {hh} x {ww} HR features to be an integer "
+                         f"multiple of every detail box (in LR cells), got {box_list}")
+    if weights is not None:
+        weights = _weight_map(weights, "lr_weights")
+        if weights.shape != lr_labels.shape:
+            raise ValueError(f"lr_weights shape {tuple(weights.shape)} != lr_labels shape "
+                             f"{tuple(lr_labels.shape)}")
+    dtype = torch.float64 if lr_feats.dtype == torch.float64 else torch.float32  # of the weights
+    dev = lr_feats.device
+    size = RELEASED_FEAT_SIZE
+    frame = (h * scale, w * scale)  # the HR frame on the stride-4 grid
+
+    # The released code's maps: LR features upsampled to the HR frame, HR features placed into a
+    # zero map of it, delta upsampled as HRDA's head resizes it; then all of them to 65 x 65.
+    lr_frame = F.interpolate(lr_feats, size=frame, mode="bilinear", align_corners=True)
+    hr_frame = torch.cat([F.pad(hr_feats[i:i + 1], (scale * left, frame[1] - scale * (left + bw),
+                                                     scale * top, frame[0] - scale * (top + bh)))
+                          for i, (top, left, bh, bw) in enumerate(box_list)])
+    att = F.interpolate(delta.to(dtype), size=frame, mode="bilinear", align_corners=False)
+    lr_rows = _pixel_major(_released_grid(lr_frame, size))                      # (N, C)
+    hr_rows = _pixel_major(_released_grid(hr_frame, size)).to(lr_rows.dtype)  # (N, C)
+    a = _released_grid(att, size).reshape(-1)                                   # (N,) image-major
+    labels = _nearest(lr_labels.long(), size)                                   # (B, 65, 65)
+    in_box = _nearest(box_mask(box_list, batch=b, size=(h, w), device=dev)[:, 0].long(), size)
+    m = (in_box * labels != 0).reshape(-1).to(dtype)                            # (N,)
+    labels = labels.reshape(-1)
+    n = labels.numel()
+    wt = (torch.ones(n, dtype=dtype, device=dev) if weights is None
+          else _released_grid(weights[:, None].to(dtype), size).reshape(-1))   # (N,)
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    class_size = torch.bincount(inverse)[inverse].to(dtype)                    # (N,) |P_r| + 1
+    k = classes.numel()
+    op = dict(temperature=1.0, ignore_index=_NO_IGNORE, impl=impl, variant=variant)
+
+    # LR term: anchor weight w_r a_r m_r, partner weight w_j a_j.
+    lr_term = wt * a * m * kernels.pixel_infonce(lr_rows, labels, pos_weight=wt * a, **op)
+
+    # LR -> HR term: exclusive LR rows pair with the HR rows only; the HR rows' own results are
+    # not used.
+    rows = torch.cat([lr_rows, hr_rows])
+    row_labels = torch.cat([labels, labels])
+    lr_only = torch.arange(2 * n, device=dev) < n
+    zeros = torch.zeros(n, dtype=dtype, device=dev)
+
+    def positive_sum(u: torch.Tensor) -> torch.Tensor:
+        """(N,) sum of u_j x_rj over the HR rows j labelled like row r, HR row r included."""
+        per = kernels.pixel_infonce(rows, row_labels, exclusive=lr_only,
+                                    pos_weight=torch.cat([zeros, u]), **op)[:n]
+        return class_size * per
+
+    probe = kernels.pixel_infonce(
+        torch.cat([rows, rows.new_zeros(k, c)]), torch.cat([row_labels, classes]),
+        exclusive=torch.cat([lr_only, torch.zeros(k, dtype=torch.bool, device=dev)]),
+        pos_weight=torch.cat([zeros, zeros, torch.ones(k, dtype=dtype, device=dev)]), **op)[:n]
+    neg = (torch.exp((class_size + 1) * probe) - k).clamp_min(0)                 # (N,) Neg_r
+    v_lr = lr_rows.to(dtype) / lr_rows.to(dtype).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    v_hr = hr_rows.to(dtype) / hr_rows.to(dtype).norm(dim=1, keepdim=True).clamp_min(1e-12)
+    s_rr = (v_lr * v_hr).sum(1)                                                  # (N,)
+    x_rr = torch.log(torch.exp(s_rr) + neg) - s_rr
+    cross = (wt * (positive_sum(wt) - wt * x_rr)
+             - wt * a * m * (positive_sum(wt * a) - wt * a * x_rr))
+    # |P_r| = class size - 1 (0: no positive, the released loss adds nothing for the row).
+    cross = torch.where(class_size > 1, cross / (class_size - 1).clamp_min(1), torch.zeros_like(cross))
+    return 0.5 * (lr_term + cross).sum() / n
+
+
 class ContrastiveLoss(nn.Module):
     """The CLUDA contrastive terms with their settings fixed once (from the config).
 
@@ -371,14 +592,20 @@ class ContrastiveLoss(nn.Module):
         ignore_index: label value of ignored pixels.
         impl: `kernels.pixel_infonce` implementation.
         variant: Triton launch preset of `kernels.pixel_infonce` (None: the default).
+        objective: "paper" (Eq. 2-7) or "released" (the released code's objective; the options
+            it fixes must keep their defaults, see `contrastive_loss`).
     """
 
     def __init__(self, *, temperature: float = 1.0, pairs: str = "stuff+thing",
                  weighting: str = "anchor", feat_size: Optional[Sequence[int]] = None,
                  thing_classes: Sequence[int] = THING_CLASSES, ignore_index: int = IGNORE_INDEX,
-                 impl: str = "auto", variant: Optional[str] = None):
+                 impl: str = "auto", variant: Optional[str] = None, objective: str = "paper"):
         super().__init__()
-        _check_options(pairs, weighting, temperature)
+        _check_options(pairs, weighting, temperature, objective)
+        if objective == "released":
+            _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
+                            feat_size=feat_size, thing_classes=thing_classes,
+                            ignore_index=ignore_index)
         self.temperature = float(temperature)
         self.pairs = pairs
         self.weighting = weighting
@@ -387,11 +614,12 @@ class ContrastiveLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.impl = impl
         self.variant = variant
+        self.objective = objective
 
     def _common(self) -> dict:
         return dict(temperature=self.temperature, pairs=self.pairs, weighting=self.weighting,
                     thing_classes=self.thing_classes, ignore_index=self.ignore_index, impl=self.impl,
-                    variant=self.variant)
+                    variant=self.variant, objective=self.objective)
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor,
                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -409,8 +637,9 @@ class ContrastiveLoss(nn.Module):
                                          weighted=weighted, **self._common())
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, pairs={self.pairs!r}, weighting={self.weighting!r}, "
-                f"feat_size={self.feat_size}, impl={self.impl!r}, variant={self.variant!r}")
+        return (f"objective={self.objective!r}, temperature={self.temperature}, pairs={self.pairs!r}, "
+                f"weighting={self.weighting!r}, feat_size={self.feat_size}, impl={self.impl!r}, "
+                f"variant={self.variant!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -553,8 +553,8 @@ def _predict_parser() -> argparse.ArgumentParser:
             "estimated (an image that cannot fit is refused: see the README) before anything is\n"
             "written; each image's files are then written atomically as it is predicted.\n\n"
             "examples:\n"
-            "  python -m cluda.predict --checkpoint work_dirs/demo/best.pt street.png --out preds\n"
-            "  python -m cluda.predict --checkpoint best.pt /data/cityscapes/leftImg8bit/val \\\n"
+            "  python -m cluda.predict --checkpoint work_dirs/demo/latest.pt street.png --out preds\n"
+            "  python -m cluda.predict --checkpoint latest.pt /data/cityscapes/leftImg8bit/val \\\n"
             "      --out preds --mode slide\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                         help="image files, or folders searched recursively for images")
@@ -593,7 +593,7 @@ def _compare_parser() -> argparse.ArgumentParser:
             "--config, or else of the last checkpoint's stored config."),
         epilog=(
             "example:\n"
-            "  python -m cluda.predict compare --checkpoints source_only/best.pt cluda/best.pt \\\n"
+            "  python -m cluda.predict compare --checkpoints source_only/latest.pt cluda/latest.pt \\\n"
             "      --num 4 --out figure3.png\n\n" + EXIT_STATUS_HELP))
     parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("CKPT_A", "CKPT_B"),
                         help="e.g. the source-only and the adapted checkpoint")

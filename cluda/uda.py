@@ -296,7 +296,8 @@ class UDAStep:
 
     def __call__(self, net: nn.Module, teacher: Optional[nn.Module], source_img: torch.Tensor,
                  source_label: torch.Tensor, target_img: Optional[torch.Tensor], *, it: int,
-                 rank: int = 0, imnet: Optional[nn.Module] = None) -> StepResult:
+                 rank: int = 0, imnet: Optional[nn.Module] = None,
+                 target_valid: Optional[torch.Tensor] = None) -> StepResult:
         """Loss terms of iteration `it`.
 
         Args:
@@ -308,6 +309,8 @@ class UDAStep:
             it: the iteration (0-based).
             rank: the process rank (a different random stream per process).
             imnet: the frozen ImageNet encoder, needed when fd_lambda > 0.
+            target_valid: optional (B, H, W) map, 0 where the target crop's pseudo-labels are not
+                trusted (the data set's pseudo-label margins); multiplies their weights.
 
         Returns:
             StepResult(losses, stats).
@@ -346,7 +349,7 @@ class UDAStep:
             raise ValueError(f"target images {tuple(target_img.shape)} must match the source "
                              f"images {tuple(source_img.shape)}")
 
-        pl, t_logits = self.pseudo_labels(teacher, target_img)
+        pl, t_logits = self.pseudo_labels(teacher, target_img, valid=target_valid)
         stats["gamma"] = float(pl.gamma)
         mixed, pasted = self.mix_batch(source_img, source_label, target_img, pl, generator=gen)
         stats["pasted"] = float(pasted.float().mean())
@@ -369,10 +372,12 @@ class UDAStep:
     # -- pseudo-labels and mixing (used by __call__; public for inspection) -------------------
 
     @torch.no_grad()
-    def pseudo_labels(self, teacher: nn.Module, target_img: torch.Tensor):
+    def pseudo_labels(self, teacher: nn.Module, target_img: torch.Tensor,
+                      valid: Optional[torch.Tensor] = None):
         """The EMA teacher's pseudo-labels of the target crops (HRDA: LR + sliding-window HR
         inference, in `teacher_mode(teacher, self.teacher_bn)`), with Gamma and the zeroed top /
-        bottom margins.
+        bottom margins; weights also 0 where `valid` ((B, H, W), optional) is 0. Gamma counts
+        every pixel, as DAFormer / HRDA do.
 
         Returns:
             (PseudoLabels(labels (B, H, W), weights (B, H, W), gamma), teacher logits (B, K, H, W)).
@@ -381,6 +386,11 @@ class UDAStep:
             logits = teacher.inference(target_img, mode="whole")  # (B, K, H, W)
         pl = pseudo_label(logits, threshold=self.pseudo_threshold, ignore_top=self.ignore_top,
                           ignore_bottom=self.ignore_bottom)
+        if valid is not None:
+            if valid.shape != pl.weights.shape:
+                raise ValueError(f"target_valid {tuple(valid.shape)} must match the target crops "
+                                 f"{tuple(pl.weights.shape)}")
+            pl = pl._replace(weights=pl.weights * valid.to(pl.weights))
         return pl, logits
 
     def mix_batch(self, source_img: torch.Tensor, source_label: torch.Tensor,

@@ -2,6 +2,7 @@
 checkpoint files (atomic save, clear errors, model rebuilt from the stored config)."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,87 @@ def test_build_datasets_roles_and_sizes():
         build_dataset(cfg.data.val, role="test")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_val_dataset(tiny("--data.val.kind=cityscapes", "--data.val.root=/nowhere"))
+
+
+def _swap_labels(dataset, make):
+    """Make `dataset` load `make(label)` in place of each label (images unchanged)."""
+    load = dataset.load
+
+    def swapped(i):
+        img, label = load(i)
+        return img, make(label)
+    dataset.load = swapped
+
+
+def test_target_crops_do_not_read_the_target_labels():
+    """A label map of a single class makes mmseg's category-max rule redraw every crop; the
+    source's crops show it, the target's must not change (its labels are never used)."""
+    cfg = tiny("--data.source.size=[48,96]", "--data.source.num_samples=6",
+               "--data.target.size=[48,96]", "--data.target.num_samples=6",
+               "--data.crop_size=[32,32]", "--data.rcs=false", "--data.cat_max_ratio=0.75")
+    plain, target_swapped, source_swapped = (build_train_dataset(cfg) for _ in range(3))
+    _swap_labels(target_swapped.target, np.zeros_like)
+    _swap_labels(source_swapped.source, np.zeros_like)
+    source_changed = 0
+    for i in range(12):
+        assert torch.equal(plain[i]["target"]["img"], target_swapped[i]["target"]["img"]), i
+        source_changed += not torch.equal(plain[i]["source"]["img"], source_swapped[i]["source"]["img"])
+    assert source_changed > 0, "the label swap must change rule-driven crops"
+    assert plain.target.transform.cat_max_ratio == 1.0
+    assert plain.source.transform.cat_max_ratio == 0.75
+
+
+def test_target_pseudo_margins_reach_the_sample():
+    """Margins (top 2, bottom 5, left 3, right 4) are marked on the 40 x 48 image, then cropped
+    (40 x 40, offset x0 in 0..8) and flipped with it: a crop has 3 - x0 invalid columns on the left
+    and x0 - 4 on the right (mirrored when flipped), never both."""
+    sizes = ["--data.target.size=[40,48]", "--data.target.num_samples=4", "--data.source.size=[40,48]",
+             "--data.source.num_samples=4", "--data.rcs=false", "--data.crop_size=[40,40]"]
+    pairs = build_train_dataset(tiny(*sizes, "--data.target_pseudo_margins=[2,5,3,4]"))
+    possible = {(max(0, 3 - x0), max(0, x0 - 4)) for x0 in range(9)}
+    seen = set()
+    for i in range(24):
+        item = pairs[i]
+        assert "pseudo_valid" not in item["source"]
+        valid = item["target"]["pseudo_valid"]
+        assert valid.shape == (40, 40) and valid.dtype == torch.uint8
+        assert (valid[:2] == 0).all() and (valid[-5:] == 0).all()
+        row = valid[10].tolist()
+        left = next(k for k, v in enumerate(row + [1]) if v)
+        right = next(k for k, v in enumerate(row[::-1] + [1]) if v)
+        assert sum(row) == 40 - left - right and (valid[2:-5] == valid[10]).all()
+        assert (left, right) in possible or (right, left) in possible, (left, right)
+        seen.add((left > 0, right > 0))
+    assert {(True, False), (False, True), (False, False)} <= seen
+    # Without margins: the same draws, no map.
+    plain = build_train_dataset(tiny(*sizes))
+    assert "pseudo_valid" not in plain[0]["target"]
+    assert all(torch.equal(plain[i]["target"]["img"], pairs[i]["target"]["img"]) for i in range(4))
+    with pytest.raises(ConfigError, match="target_pseudo_margins"):
+        tiny("--data.target_pseudo_margins=[1,2,3]")
+    with pytest.raises(ConfigError, match="target_pseudo_margins"):
+        tiny("--data.target_pseudo_margins=[1,2,3,-1]")
+
+
+def test_cl_objective_released_config():
+    assert load_experiment().cl.objective == "paper"
+    step = build_uda_step(tiny("--cl.objective=released"))
+    assert step.contrastive.objective == "released"
+    hrda = tiny("--cl.objective=released", "--model.hrda.enabled=true", "--data.crop_size=[64,64]",
+                "--model.hrda.hr_crop_size=[32,32]")
+    assert hrda.cl.objective == "released" and hrda.cl.multires == "weighted"
+    for bad in ("--cl.pairs=all", "--cl.weighting=pair", "--cl.temperature=0.5",
+                "--cl.feat_size=[65,65]"):
+        with pytest.raises(ConfigError, match=r"cl\.objective 'released' fixes .*got cl\."):
+            tiny("--cl.objective=released", bad)
+    with pytest.raises(ConfigError, match=r"got cl\.multires='lr'"):
+        tiny("--cl.objective=released", "--model.hrda.enabled=true", "--data.crop_size=[64,64]",
+             "--model.hrda.hr_crop_size=[32,32]", "--cl.multires=lr")
+    # A config written before the key existed loads with the paper's objective.
+    data = to_dict(tiny())
+    del data["cl"]["objective"], data["data"]["target_pseudo_margins"]
+    old = from_dict(Config, data)
+    assert old.cl.objective == "paper" and old.data.target_pseudo_margins is None
 
 
 def test_build_uda_step_follows_the_switches():

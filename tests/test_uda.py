@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import cluda.losses as losses
 from cluda.losses import ContrastiveLoss
 from cluda.models import HRDA, build_imnet_encoder, build_segmentor
 from cluda.teacher import make_teacher
@@ -54,18 +55,26 @@ FAMILIES = {
     "hrda": (True, dict(fd_lambda=0.005), {"src.ce", "src.fd", "mix.ce"}),
     "hrda_cluda": (True, dict(fd_lambda=0.005, cl=True, hr_crop="entropy"),
                    {"src.ce", "src.fd", "src.cl", "mix.ce", "mix.cl"}),
+    # The released code's objective (cl.objective: released) in the same step.
+    "daformer_cluda_released": (False, dict(cl=True, objective="released"),
+                                {"src.ce", "src.cl", "mix.ce", "mix.cl"}),
+    "hrda_cluda_released": (True, dict(cl=True, objective="released"),
+                            {"src.ce", "src.cl", "mix.ce", "mix.cl"}),
 }
 
 
-def make_step(cl=False, **kw):
-    contrastive = ContrastiveLoss(impl="torch") if cl else None
+def make_step(cl=False, objective="paper", **kw):
+    contrastive = ContrastiveLoss(impl="torch", objective=objective) if cl else None
     kw.setdefault("pseudo_threshold", 0.06)  # a random teacher is barely above 1/19
     return UDAStep(contrastive=contrastive, ignore_top=4, ignore_bottom=8, **kw)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_terms_present_nonzero_and_backward(family):
+def test_family_terms_present_nonzero_and_backward(family, monkeypatch):
     hrda, kw, expected = FAMILIES[family]
+    # The released 65 x 65 grid makes N = 2 * 4225 rows, minutes on a CPU; a smaller grid runs
+    # the same code (tests/test_losses_released.py checks the real grid).
+    monkeypatch.setattr(losses, "RELEASED_FEAT_SIZE", (17, 17))
     torch.manual_seed(0)
     model = tiny_model(hrda, weight_head=kw.get("cl", False))  # HRDA without CLUDA: no delta
     imnet = build_imnet_encoder(model.segmentor.encoder if hrda else model.encoder)
@@ -84,7 +93,7 @@ def test_family_terms_present_nonzero_and_backward(family):
     sum(res.losses.values()).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    if family == "hrda_cluda":  # the weighted CLUDA-MR trains the feature-weight head
+    if family.startswith("hrda_cluda"):  # the weighted CLUDA-MR trains the feature-weight head
         assert model.feature_weight_head.classifier.weight.grad.abs().sum() > 0
 
 

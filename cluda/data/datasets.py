@@ -11,7 +11,8 @@
 
 A sample is a dict: `img` (3, H, W) float32 ImageNet-normalised, `label` (H, W) int64 train ids,
 `name` (str, unique in the data set, the key of the class statistics), `path` (the image file) and
-`index` (int). `denormalize(sample["img"])` gives back the uint8 image.
+`index` (int), plus `pseudo_valid` ((H, W) uint8) when the transform has pseudo-label margins.
+`denormalize(sample["img"])` gives back the uint8 image.
 
 Randomness: `get(index, rng)` draws every random choice of the transform from the given
 `numpy.random.Generator`; `__getitem__(index)` seeds one from (seed, epoch, index), so a sample is
@@ -131,10 +132,11 @@ class SegmentationDataset(torch.utils.data.Dataset, abc.ABC):
                              f"{len(self)} samples")
 
     def make_sample(self, index, img, label, rng):
-        """Transform a loaded (image, label) pair into the sample dict."""
-        img_t, label_t = self.transform(img, label, rng)
-        return {"img": img_t, "label": label_t, "name": self.name(index),
-                "path": self.path(index), "index": int(index)}
+        """Transform a loaded (image, label) pair into the sample dict (with `pseudo_valid` when
+        the transform has pseudo-label margins)."""
+        sample = self.transform.sample(img, label, rng)
+        sample.update(name=self.name(index), path=self.path(index), index=int(index))
+        return sample
 
     def get(self, index, rng):
         """Sample `index` with every random choice drawn from `rng` (numpy Generator)."""

@@ -77,11 +77,34 @@ def _crop_box(h, w, size, rng):
     return y0, min(y0 + ch, h), x0, min(x0 + cw, w)
 
 
+def crop_box(label, *, size, rng, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX, max_tries=10):
+    """The box (y0, y1, x0, x1) of `random_crop`: with mmseg's category-max ratio rule, draw a
+    crop, and while the most frequent class covers `cat_max_ratio` or more of the crop's labelled
+    pixels (or the crop holds a single class), draw again, `max_tries` times in all; the last draw
+    is kept otherwise. With cat_max_ratio = 1.0 the label is not read (one draw).
+
+    Args:
+        label: (H, W) integer label map (only its shape is used when the rule is off).
+        size, rng, cat_max_ratio, ignore_index, max_tries: as `random_crop`.
+    """
+    h, w = label.shape
+    box = _crop_box(h, w, size, rng)
+    if cat_max_ratio < 1.0:
+        for _ in range(max_tries - 1):
+            y0, y1, x0, x1 = box
+            counts = np.bincount(label[y0:y1, x0:x1].ravel().astype(np.int64))
+            if ignore_index < len(counts):
+                counts[ignore_index] = 0
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+                break
+            box = _crop_box(h, w, size, rng)
+    return box
+
+
 def random_crop(img, label, *, size, rng, cat_max_ratio=0.75, ignore_index=IGNORE_INDEX,
                 max_tries=10):
-    """Random crop of `size` with mmseg's category-max ratio rule: draw a crop, and while the most
-    frequent class covers `cat_max_ratio` or more of the crop's labelled pixels (or the crop holds
-    a single class), draw again, `max_tries` times in all; the last draw is kept otherwise.
+    """Random crop of `size` with mmseg's category-max ratio rule (see `crop_box`).
 
     A crop larger than the image is clipped to it (see `pad` for the padding that follows).
 
@@ -96,29 +119,38 @@ def random_crop(img, label, *, size, rng, cat_max_ratio=0.75, ignore_index=IGNOR
     Returns:
         (img, label) cropped.
     """
-    h, w = label.shape
-    box = _crop_box(h, w, size, rng)
-    if cat_max_ratio < 1.0:
-        for _ in range(max_tries - 1):
-            y0, y1, x0, x1 = box
-            counts = np.bincount(label[y0:y1, x0:x1].ravel().astype(np.int64))
-            if ignore_index < len(counts):
-                counts[ignore_index] = 0
-            counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-                break
-            box = _crop_box(h, w, size, rng)
-    y0, y1, x0, x1 = box
+    y0, y1, x0, x1 = crop_box(label, size=size, rng=rng, cat_max_ratio=cat_max_ratio,
+                              ignore_index=ignore_index, max_tries=max_tries)
     return img[y0:y1, x0:x1], label[y0:y1, x0:x1]
 
 
+def _flip_drawn(prob, rng):
+    """One draw from `rng` whatever `prob` is, so that the generator's stream does not depend on
+    the setting."""
+    return rng.random() < prob
+
+
 def random_flip(img, label, *, prob, rng):
-    """Horizontal flip with probability `prob` (one draw from `rng` whatever `prob` is, so that
-    the generator's stream does not depend on the setting)."""
-    if rng.random() < prob:
+    """Horizontal flip with probability `prob` (one draw from `rng`)."""
+    if _flip_drawn(prob, rng):
         img = img[:, ::-1]
         label = label[:, ::-1] if label is not None else None
     return img, label
+
+
+def margin_mask(height, width, margins):
+    """(height, width) uint8 map, 0 within `margins` = (top, bottom, left, right) pixels of the
+    border and 1 elsewhere: HRDA's `crop_pseudo_margins`, drawn on the whole image before the crop
+    so that a crop only loses pseudo-labels where it touches the image's border."""
+    top, bottom, left, right = (int(m) for m in margins)
+    valid = np.ones((height, width), np.uint8)
+    valid[:top] = 0
+    valid[:, :left] = 0
+    if bottom > 0:  # x[-0:] would be the whole axis
+        valid[-bottom:] = 0
+    if right > 0:
+        valid[:, -right:] = 0
+    return valid
 
 
 def normalize(img):
@@ -176,13 +208,20 @@ class SegTransform:
         flip_prob: probability of a horizontal flip.
         resize_label: False keeps the label at full resolution (evaluation).
         ignore_index: ignored label value (crop rule, padding).
+        pseudo_margins: None, or (top, bottom, left, right) pixels of the resized image whose
+            pseudo-labels are not trusted (HRDA's `crop_pseudo_margins`, target images): `sample`
+            then also returns `pseudo_valid`, that margin map cropped and flipped with the image
+            (padding counts as valid).
     """
 
     def __init__(self, *, scale=None, crop_size=None, cat_max_ratio=0.75, flip_prob=0.0,
-                 resize_label=True, ignore_index=IGNORE_INDEX):
+                 resize_label=True, ignore_index=IGNORE_INDEX, pseudo_margins=None):
         for name, pair in (("scale", scale), ("crop_size", crop_size)):
             if pair is not None and (len(pair) != 2 or min(pair) < 1):
                 raise ValueError(f"{name} must be two positive ints or None, got {pair}")
+        if pseudo_margins is not None and (len(pseudo_margins) != 4 or min(pseudo_margins) < 0):
+            raise ValueError(f"pseudo_margins must be None or four ints >= 0 (top, bottom, left, "
+                             f"right), got {pseudo_margins}")
         if not 0.0 < cat_max_ratio <= 1.0:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         if not 0.0 <= flip_prob <= 1.0:
@@ -196,38 +235,63 @@ class SegTransform:
         self.flip_prob = float(flip_prob)
         self.resize_label = bool(resize_label)
         self.ignore_index = int(ignore_index)
+        self.pseudo_margins = None if pseudo_margins is None else tuple(int(m) for m in pseudo_margins)
 
     def __call__(self, img, label, rng):
         """(H, W, 3) uint8, (H, W) integer, Generator -> ((3, h, w) float32, (h, w) int64)."""
+        out = self.sample(img, label, rng)
+        return out["img"], out["label"]
+
+    def sample(self, img, label, rng):
+        """As `__call__`, as a dict: "img", "label" and, with `pseudo_margins`, "pseudo_valid"
+        ((h, w) uint8, 0 where the pseudo-labels are not trusted). The random draws are the same
+        either way."""
         img, label = resize(img, label, scale=self.scale, resize_label=self.resize_label)
+        valid = None
+        if self.pseudo_margins is not None:
+            valid = margin_mask(img.shape[0], img.shape[1], self.pseudo_margins)
         if self.crop_size is not None:
-            img, label = random_crop(img, label, size=self.crop_size, rng=rng,
-                                     cat_max_ratio=self.cat_max_ratio,
-                                     ignore_index=self.ignore_index)
-        img, label = random_flip(img, label, prob=self.flip_prob, rng=rng)
+            y0, y1, x0, x1 = crop_box(label, size=self.crop_size, rng=rng,
+                                      cat_max_ratio=self.cat_max_ratio,
+                                      ignore_index=self.ignore_index)
+            img, label = img[y0:y1, x0:x1], label[y0:y1, x0:x1]
+            valid = None if valid is None else valid[y0:y1, x0:x1]
+        if _flip_drawn(self.flip_prob, rng):
+            img, label = img[:, ::-1], label[:, ::-1] if label is not None else None
+            valid = None if valid is None else valid[:, ::-1]
         img = _normalize_np(img)
         label = np.asarray(label).astype(np.int64)
         if self.crop_size is not None:
-            img, label = pad(img, label, size=self.crop_size, ignore_index=self.ignore_index)
-        return torch.from_numpy(img), torch.from_numpy(np.ascontiguousarray(label))
+            img, padded = pad(img, label, size=self.crop_size, ignore_index=self.ignore_index)
+            if valid is not None and padded.shape != label.shape:
+                valid = np.pad(valid, ((0, padded.shape[0] - label.shape[0]),
+                                       (0, padded.shape[1] - label.shape[1])), constant_values=1)
+            label = padded
+        out = {"img": torch.from_numpy(img), "label": torch.from_numpy(np.ascontiguousarray(label))}
+        if valid is not None:
+            out["pseudo_valid"] = torch.from_numpy(np.ascontiguousarray(valid))
+        return out
 
     def __repr__(self):
         return (f"SegTransform(scale={self.scale}, crop_size={self.crop_size}, "
                 f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, "
-                f"resize_label={self.resize_label})")
+                f"resize_label={self.resize_label}, pseudo_margins={self.pseudo_margins})")
 
 
-def train_transform(*, scale, crop_size=(512, 512), cat_max_ratio=0.75, flip_prob=0.5):
+def train_transform(*, scale, crop_size=(512, 512), cat_max_ratio=0.75, flip_prob=0.5,
+                    pseudo_margins=None):
     """DAFormer's training pipeline (pass `HRDA_SCALES[...]` and (1024, 1024) for HRDA).
 
     Args:
         scale: (long, short) resize bounds, e.g. `DAFORMER_SCALES["gta"]`, or None.
         crop_size: (height, width) of the random crop.
-        cat_max_ratio: category-max ratio of the crop.
+        cat_max_ratio: category-max ratio of the crop (1.0 for target images: the rule would
+            choose the crop with the target's ground truth).
         flip_prob: horizontal flip probability.
+        pseudo_margins: None or (top, bottom, left, right), see `SegTransform`.
     """
     return SegTransform(scale=scale, crop_size=crop_size, cat_max_ratio=cat_max_ratio,
-                        flip_prob=flip_prob)
+                        flip_prob=flip_prob, pseudo_margins=pseudo_margins)
 
 
 def eval_transform(*, scale, resize_label=False):
