@@ -386,10 +386,11 @@ def validate(cfg: Config) -> Config:
     _check_range(d.flip_prob, "data.flip_prob", 0, 1)
     if d.rcs_temperature <= 0:  # the class softmax divides by it
         raise ConfigError(f"data.rcs_temperature must be > 0, got {d.rcs_temperature}")
-    if d.rcs_min_pixels < 0 or d.rcs_max_crop_tries < 1:
-        raise ConfigError(f"data.rcs_min_pixels must be >= 0 and data.rcs_max_crop_tries >= 1, "
-                          f"got {d.rcs_min_pixels}, {d.rcs_max_crop_tries}")
-    _check_range(d.rcs_min_crop_ratio, "data.rcs_min_crop_ratio", 0, 1)
+    # rcs_min_crop_ratio scales rcs_min_pixels (HRDA: 2.0 for its larger crops), so it may pass 1
+    if d.rcs_min_pixels < 0 or d.rcs_max_crop_tries < 1 or d.rcs_min_crop_ratio < 0:
+        raise ConfigError(f"data.rcs_min_pixels and data.rcs_min_crop_ratio must be >= 0 and "
+                          f"data.rcs_max_crop_tries >= 1, got {d.rcs_min_pixels}, "
+                          f"{d.rcs_min_crop_ratio}, {d.rcs_max_crop_tries}")
     if m.backbone not in _MIT_NAMES:
         import timm  # only for other backbones: the name must be one timm can build
         if not timm.is_model(m.backbone):

@@ -72,7 +72,7 @@ def test_overrides_and_rejection_list_known_keys():
     (["--optim.min_lr=0.1"], r"optim\.min_lr must be <= optim\.lr"),
     (["--optim.grad_clip=0"], r"optim\.grad_clip must be > 0"),
     (["--data.rcs_temperature=0"], r"data\.rcs_temperature must be > 0"),
-    (["--data.rcs_min_crop_ratio=1.5"], r"data\.rcs_min_crop_ratio must lie in \[0, 1\]"),
+    (["--data.rcs_min_crop_ratio=-0.5"], r"data\.rcs_min_crop_ratio must be >= 0.*-0\.5"),
     (["--data.flip_prob=2"], r"data\.flip_prob must lie in"),
     (["--data.cat_max_ratio=0"], r"data\.cat_max_ratio must lie in \(0, 1\]"),
     (["--uda.blur_p=1.5"], r"uda\.blur_p must lie in"),
