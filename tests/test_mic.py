@@ -180,11 +180,16 @@ def test_switching_mic_on_leaves_the_other_terms_and_draws_as_they_were():
     teacher = make_teacher(model)
     src, lab, tgt = batch(5)
     off = make_step(cl=True)(TrainForward(model), teacher, src, lab, tgt, it=3)
-    on = make_step(cl=True, mic=True, mic_block_size=16)(TrainForward(model), teacher, src, lab, tgt, it=3)
+    net = RecordingForward(model)
+    on = make_step(cl=True, mic=True, mic_block_size=16)(net, teacher, src, lab, tgt, it=3)
     assert set(on.losses) == set(off.losses) | {"mic.ce"}
     for k, v in off.losses.items():
         assert torch.equal(on.losses[k], v), k
     assert on.stats == off.stats
+    # with the default strong augmentation the kept blocks are jittered / blurred target pixels
+    masked = net.calls[2][0]
+    kept = (masked != 0).all(dim=1, keepdim=True).expand_as(masked)
+    assert kept.any() and not torch.allclose(masked[kept], tgt[kept], atol=1e-3)
 
 
 def test_mic_weight_scales_only_the_masked_term_and_the_warmup_has_none():
