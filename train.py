@@ -171,7 +171,7 @@ def plot_curves(train_log: CSVLog, eval_log: CSVLog, path: str, *, main_metric: 
     rows, evals = train_log.read(), eval_log.read()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for col in train_log.columns[1:]:
-        if col.startswith(("src.", "mix.")) or col == "loss":
+        if col.startswith(("src.", "mix.", "mic.")) or col == "loss":
             pts = [(r["iteration"], r[col]) for r in rows if col in r]
             if pts:
                 ax1.plot(*zip(*pts), label=col, lw=1.5 if col == "loss" else 1)

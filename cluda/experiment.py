@@ -10,9 +10,9 @@ data sets, which default to the synthetic pair because it is the only data that 
 Sections: `experiment` (name, work_dir, seed, device), `data` (source / target / val data sets,
 crops, rare class sampling, batch size, workers), `model` (backbone, decoder, `hrda`), `uda`
 (self-training: EMA teacher, pseudo-labels, ClassMix, strong augmentation, feature distance,
-HR crop choice), `cl` (the CLUDA contrastive terms), `optim` (AdamW, warm-up, poly decay),
-`train` (iterations, intervals, autocast), `eval` (inference mode, protocols, test-time
-augmentation).
+HR crop choice), `cl` (the CLUDA contrastive terms), `mic` (MIC's masked-image consistency),
+`optim` (AdamW, warm-up, poly decay), `train` (iterations, intervals, autocast), `eval`
+(inference mode, protocols, test-time augmentation).
 
 Builders (only this module and `train.py` read the config tree; everything else takes typed
 keyword arguments): `build_model`, `build_dataset`, `build_train_dataset`, `build_val_dataset`,
@@ -38,7 +38,7 @@ from cluda.fileio import atomic_open
 
 __all__ = [
     "Config", "ExperimentSection", "DatasetSection", "DataSection", "HRDASection", "ModelSection",
-    "UDASection", "CLSection", "OptimSection", "TrainSection", "EvalSection",
+    "UDASection", "CLSection", "MICSection", "OptimSection", "TrainSection", "EvalSection",
     "CHECKPOINT_FORMAT", "load_experiment", "validate", "output_dir", "resolve_device",
     "build_model", "build_dataset", "build_train_dataset", "build_val_dataset", "build_uda_step",
     "make_predict_fn", "encoder_of", "save_checkpoint", "load_checkpoint", "load_model_from_checkpoint",
@@ -224,7 +224,10 @@ class CLSection:
     objective the released CLUDA code computes instead (`cluda.losses` module docstring: 65 x 65
     features, pixel-major features against image-major labels, 255 a class, all pairs, w_i * w_j
     on positive pairs, tau 1, its LR-anchor multi-resolution loss); it fixes temperature, pairs,
-    weighting and feat_size, which must keep their defaults, and with HRDA multires "weighted"."""
+    weighting and feat_size, which must keep their defaults, and with HRDA multires "weighted".
+    masked: also the contrastive term on MIC's masked target image (labels: the teacher's
+    pseudo-labels of the unmasked image, weights: their confidence weights; times `weight`),
+    logged as "mic.cl"; needs mic.enabled. Not in any paper; off by default."""
     source: bool = True
     mixed: bool = True
     weight: float = 1.0
@@ -236,6 +239,23 @@ class CLSection:
     impl: Literal["auto", "triton", "torch", "reference"] = "auto"
     triton_variant: Optional[str] = None
     objective: Literal["paper", "released"] = "paper"
+    masked: bool = False
+
+
+@dataclass
+class MICSection:
+    """MIC, masked image consistency (Hoyer et al., CVPR 2023), a term of the self-training
+    step: the target crop, colour-augmented as the mixed image, with random square blocks set to
+    the mean colour, goes through the student; its cross-entropy against the EMA teacher's
+    pseudo-labels of the unmasked crop, weighted by the same confidence weights as the mixed
+    term, times `weight`, is logged as "mic.ce". enabled: add the term (needs uda.enabled).
+    block_size: block side in pixels of the training crop (MIC: 64 at full resolution, i.e. for
+    HRDA's 1024 crops; the released code uses 32 for DAFormer's half-resolution 512 crops).
+    ratio: probability that a block is masked (0.7). weight: the term's weight lambda^M (1)."""
+    enabled: bool = False
+    block_size: int = 64
+    ratio: float = 0.7
+    weight: float = 1.0
 
 
 @dataclass
@@ -299,6 +319,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     uda: UDASection = field(default_factory=UDASection)
     cl: CLSection = field(default_factory=CLSection)
+    mic: MICSection = field(default_factory=MICSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -418,7 +439,8 @@ def validate(cfg: Config) -> Config:
         if hc[0] > crop[0] or hc[1] > crop[1]:
             raise ConfigError(f"model.hrda.hr_crop_size {list(hc)} must fit in data.crop_size "
                               f"{list(crop)}")
-        if c.multires == "weighted" and (c.source or c.mixed) and not m.hrda.feature_weight_head:
+        if (c.multires == "weighted" and (c.source or c.mixed or c.masked)
+                and not m.hrda.feature_weight_head):
             raise ConfigError("cl.multires 'weighted' needs model.hrda.feature_weight_head: true "
                               "(or set cl.multires to 'lr' / 'lr+hr')")
     if c.feat_size is not None:
@@ -443,6 +465,15 @@ def validate(cfg: Config) -> Config:
                 "and the 65 x 65 feature grid, and has only the 'weighted' multi-resolution loss: "
                 f"leave cl.temperature, cl.pairs, cl.weighting, cl.feat_size and cl.multires at "
                 f"their defaults; got {', '.join(changed)}")
+    mic = cfg.mic
+    if mic.enabled and not u.enabled:
+        raise ConfigError("mic.enabled needs uda.enabled (MIC's pseudo-labels come from the "
+                          "self-training teacher)")
+    if mic.block_size < 1 or not 0.0 <= mic.ratio <= 1.0 or mic.weight < 0:
+        raise ConfigError(f"mic.block_size must be >= 1, mic.ratio in [0, 1] and mic.weight >= 0, "
+                          f"got {mic.block_size}, {mic.ratio}, {mic.weight}")
+    if c.masked and not mic.enabled:
+        raise ConfigError("cl.masked needs mic.enabled (the term lives on MIC's masked image)")
     if c.triton_variant is not None:
         from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
         if c.triton_variant not in VARIANTS:
@@ -688,13 +719,13 @@ def build_val_dataset(cfg: Config):
 # ----------------------------------------------------------------------------------------------
 
 def build_uda_step(cfg: Config):
-    """`cluda.uda.UDAStep` with the settings of the `uda` and `cl` sections."""
+    """`cluda.uda.UDAStep` with the settings of the `uda`, `cl` and `mic` sections."""
     from cluda.losses import ContrastiveLoss
     from cluda.uda import UDAStep
 
-    u, c = cfg.uda, cfg.cl
+    u, c, mic = cfg.uda, cfg.cl, cfg.mic
     contrastive = None
-    if c.source or c.mixed:
+    if c.source or c.mixed or (c.masked and mic.enabled):
         contrastive = ContrastiveLoss(temperature=c.temperature, pairs=c.pairs,
                                       weighting=c.weighting, feat_size=c.feat_size,
                                       thing_classes=THING_CLASSES, impl=c.impl,
@@ -705,7 +736,9 @@ def build_uda_step(cfg: Config):
         jitter_strength=u.color_jitter_strength, jitter_p=u.color_jitter_p, blur_p=u.blur_p,
         blur_sigma=tuple(u.blur_sigma), fd_lambda=u.fd_lambda if u.fd else 0.0,
         contrastive=contrastive, cl_source=c.source, cl_mixed=c.mixed, cl_weight=c.weight,
-        multires=c.multires, hr_crop=u.hr_crop, teacher_bn=u.teacher_bn, seed=cfg.experiment.seed)
+        multires=c.multires, hr_crop=u.hr_crop, teacher_bn=u.teacher_bn, mic=mic.enabled,
+        mic_block_size=mic.block_size, mic_ratio=mic.ratio, mic_weight=mic.weight,
+        cl_masked=c.masked and mic.enabled, seed=cfg.experiment.seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,16 @@ LR and HR features in one InfoNCE call, weights delta / 1 - delta from the featu
 ("weighted"), all 1 ("lr+hr") or LR features only ("lr"). The HR detail crop of the mixed image
 is random, or where the teacher's prediction entropy is highest (CLUDA appendix 7.4).
 
+MIC (Hoyer et al., "MIC: Masked Image Consistency for Context-Enhanced Domain Adaptation", CVPR
+2023) adds one more term, `mic.weight` x l_ce^M: the target crop, colour-jittered and blurred
+as the mixed image is, then masked with random square blocks (`cluda.masking`), goes through the
+student; its cross-entropy is taken against the teacher's pseudo-labels of the *unmasked* target
+crop (the same labels the mixed term uses, not recomputed), weighted by their confidence weights
+(Gamma, 0 in the ignored margins). With HRDA the masked crop goes through the multi-resolution
+forward with a detail crop of its own, drawn at random, and its CE is HRDA's 0.9 / 0.1 mix, as
+in the released MIC code. Optionally (`cl_masked`) the CLUDA term is also taken on the masked
+crop's fused features with the same labels and weights.
+
 Every term can be switched off, so source-only, DAFormer, DAFormer + CLUDA, HRDA and HRDA + CLUDA
 and the paper's ablations are settings of one `UDAStep`. The step returns the loss terms; the
 caller sums them and does one backward pass (DAFormer's separate source / mixed backward passes,
@@ -45,6 +55,7 @@ from torch import nn
 from cluda.augment import MixedBatch, class_mix_masks, mix, strong_augment
 from cluda.data.labels import IGNORE_INDEX
 from cluda.losses import ContrastiveLoss, feature_distance_loss, weighted_cross_entropy
+from cluda.masking import mask_images
 from cluda.models import HRDA, HRDAOutput, crop, random_crop_box
 from cluda.models.segmentor import resize
 from cluda.teacher import pseudo_label
@@ -197,10 +208,11 @@ def _box_twh(box: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
 
 class UDAStep:
     """One training step's losses: source CE / FD / CL, then (after `start_iter`) teacher
-    pseudo-labels, ClassMix, strong augmentation, mixed CE / CL.
+    pseudo-labels, ClassMix, strong augmentation, mixed CE / CL, and MIC's masked CE / CL.
 
     Loss keys (each present only when switched on): "src.ce", "src.fd", "src.cl", "mix.ce",
-    "mix.cl". CL terms already carry `cl_weight`, FD carries `fd_lambda`.
+    "mix.cl", "mic.ce", "mic.cl". CL terms already carry `cl_weight`, FD carries `fd_lambda`,
+    the masked CE carries `mic_weight`.
 
     Args:
         self_training: False: source-only training (no teacher, no target terms).
@@ -222,6 +234,13 @@ class UDAStep:
         hr_crop: HRDA only: the mixed image's detail crop, "random" or "entropy".
         teacher_bn: BatchNorm statistics of the teacher's prediction, "batch" (DAFormer: the
             target batch's own) or "running" (eval mode); see `teacher_mode`.
+        mic: add MIC's masked-image consistency term "mic.ce" (after start_iter).
+        mic_block_size: side of the masked square blocks in pixels of the training crop (MIC:
+            64 for HRDA's full-resolution crops, 32 for DAFormer's half-resolution ones).
+        mic_ratio: probability that a block is masked (MIC: 0.7).
+        mic_weight: multiplies the masked CE (MIC's lambda^M, 1).
+        cl_masked: with `mic` and a contrastive module: also the CL term on the masked crop,
+            "mic.cl" (times `cl_weight`).
         seed: the experiment seed of the step generator.
         ignore_index: ignored label value.
     """
@@ -233,7 +252,8 @@ class UDAStep:
                  fd_lambda: float = 0.0, contrastive: Optional[ContrastiveLoss] = None,
                  cl_source: bool = True, cl_mixed: bool = True, cl_weight: float = 1.0,
                  multires: str = "weighted", hr_crop: str = "random", teacher_bn: str = "batch",
-                 seed: int = 0,
+                 mic: bool = False, mic_block_size: int = 64, mic_ratio: float = 0.7,
+                 mic_weight: float = 1.0, cl_masked: bool = False, seed: int = 0,
                  ignore_index: int = IGNORE_INDEX) -> None:
         if mix not in MIX_MODES:
             raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
@@ -246,6 +266,12 @@ class UDAStep:
         if start_iter < 0 or fd_lambda < 0 or cl_weight < 0:
             raise ValueError(f"start_iter, fd_lambda and cl_weight must be >= 0, got {start_iter}, "
                              f"{fd_lambda}, {cl_weight}")
+        if int(mic_block_size) != mic_block_size or mic_block_size < 1 or not 0 <= mic_ratio <= 1 \
+                or mic_weight < 0:
+            raise ValueError(f"mic_block_size must be a positive integer, mic_ratio in [0, 1] and "
+                             f"mic_weight >= 0, got {mic_block_size}, {mic_ratio}, {mic_weight}")
+        if cl_masked and not mic:
+            raise ValueError("cl_masked needs mic (the term lives on MIC's masked image)")
         if contrastive is not None and not isinstance(contrastive, ContrastiveLoss):
             raise TypeError(f"contrastive must be a cluda.losses.ContrastiveLoss or None, got "
                             f"{type(contrastive).__name__}")
@@ -264,6 +290,10 @@ class UDAStep:
         self.multires = multires
         self.hr_crop = hr_crop
         self.teacher_bn = teacher_bn
+        self.mic = bool(mic) and self.self_training
+        self.mic_block_size, self.mic_ratio = int(mic_block_size), float(mic_ratio)
+        self.mic_weight = float(mic_weight)
+        self.cl_masked = bool(cl_masked) and contrastive is not None and self.mic
         self.seed = int(seed)
         self.ignore_index = int(ignore_index)
 
@@ -285,12 +315,16 @@ class UDAStep:
             names.append("mix.ce")
             if self.cl_mixed:
                 names.append("mix.cl")
+            if self.mic:
+                names.append("mic.ce")
+            if self.cl_masked:
+                names.append("mic.cl")
         return names
 
     def uses_delta(self, it: int) -> bool:
         """Whether a loss at iteration `it` reads HRDA's feature weight delta."""
         return self.multires == "weighted" and (
-            self.cl_source or (self.cl_mixed and self.target_active(it)))
+            self.cl_source or ((self.cl_mixed or self.cl_masked) and self.target_active(it)))
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -367,6 +401,20 @@ class UDAStep:
         losses["mix.ce"] = self._ce(out, mixed.labels, mixed.weights, hrda)
         if self.cl_mixed:
             losses["mix.cl"] = self.cl_weight * self._cl(out, mixed.labels, mixed.weights, hrda)
+
+        # ---- MIC: the masked target crop against the unmasked crop's pseudo-labels ----
+        # Drawn after every other choice of the step, so switching MIC on leaves the source,
+        # ClassMix and mixed-image draws of a run as they were.
+        if self.mic:
+            masked = self.masked_image(target_img, generator=gen)
+            box = None
+            if hrda is not None:
+                box = random_crop_box(*masked.shape[-2:], hrda.hr_crop_size,
+                                      divisible=hrda.crop_divisible, generator=gen)
+            out = net(masked, box=box, with_delta=with_delta and self.cl_masked)
+            losses["mic.ce"] = self.mic_weight * self._ce(out, pl.labels, pl.weights, hrda)
+            if self.cl_masked:
+                losses["mic.cl"] = self.cl_weight * self._cl(out, pl.labels, pl.weights, hrda)
         return StepResult(losses, stats)
 
     # -- pseudo-labels and mixing (used by __call__; public for inspection) -------------------
@@ -413,6 +461,19 @@ class UDAStep:
         image = strong_augment(mixed.image, generator=generator, jitter_strength=self.jitter_strength,
                                jitter_p=self.jitter_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma)
         return MixedBatch(image, mixed.labels, mixed.weights), pasted
+
+    def masked_image(self, target_img: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        """MIC's input: the target crops colour-jittered and blurred (the mixed image's strong
+        augmentation, drawn afresh), then masked with random blocks (`cluda.masking`), in that
+        order as in the released MIC code, so the block edges stay sharp.
+
+        Returns:
+            (B, 3, H, W) normalised masked images.
+        """
+        image = strong_augment(target_img, generator=generator, jitter_strength=self.jitter_strength,
+                               jitter_p=self.jitter_p, blur_p=self.blur_p, blur_sigma=self.blur_sigma)
+        return mask_images(image, block_size=self.mic_block_size, ratio=self.mic_ratio,
+                           generator=generator)
 
     # -- terms ---------------------------------------------------------------------------------
 

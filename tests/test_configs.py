@@ -34,7 +34,12 @@ EXPECTED = {"gta2cs_daformer": "68.3", "synthia2cs_daformer": "60.9",
             "gta2cs_daformer_cluda_r101": "59.2", "synthia2cs_daformer_cluda": None,
             "gta2cs_hrda": "73.8", "synthia2cs_hrda": "65.8",
             "gta2cs_hrda_cluda": "74.4", "synthia2cs_hrda_cluda": "66.8",
-            "gta2cs_source_only": None, "synthia2cs_source_only": None}
+            "gta2cs_source_only": None, "synthia2cs_source_only": None,
+            # MIC paper (Hoyer et al., CVPR 2023); None: no paper reports the combination
+            "gta2cs_daformer_mic": "70.6", "gta2cs_hrda_mic": "75.9", "synthia2cs_hrda_mic": "67.3",
+            "synthia2cs_daformer_mic": None, "gta2cs_hrda_mic_cluda": None}
+# What a config no paper reports names instead: the numbers of its parts, as bounds.
+BOUNDS = {"gta2cs_hrda_mic_cluda": ("75.9", "74.4"), "synthia2cs_daformer_mic": ("60.9", "67.3")}
 
 
 def test_every_config_loads_and_names_its_target():
@@ -51,6 +56,9 @@ def test_every_config_loads_and_names_its_target():
         expected = EXPECTED[name]
         if expected is not None:  # the paper's number the config should reproduce
             assert f"Expected: {expected} mIoU" in header.replace("\n# ", " "), (path, expected)
+        elif name in BOUNDS:
+            assert "No paper reports" in header, path
+            assert all(f"{b} mIoU" in header for b in BOUNDS[name]), (path, BOUNDS[name])
         elif "source_only" not in name:
             assert "no\n# MiT-B5 number" in header or "no MiT-B5 number" in header, path
         if "source_only" not in name:
@@ -67,6 +75,10 @@ def test_every_config_loads_and_names_its_target():
             assert (cfg.model.embed_dim, cfg.model.channels) == (256, 256)
         assert cfg.cl.objective == "paper"
         assert cfg.model.hrda.enabled == ("hrda" in name)
+        assert cfg.mic.enabled == ("mic" in name) and not cfg.cl.masked
+        if cfg.mic.enabled:  # MIC's 64 px blocks at full resolution: 32 on DAFormer's 0.5x crops
+            assert cfg.mic.block_size == (64 if cfg.model.hrda.enabled else 32)
+            assert (cfg.mic.ratio, cfg.mic.weight) == (0.7, 1.0)
         assert cfg.uda.enabled == ("source_only" not in name)
         if cfg.model.hrda.enabled:  # HRDA's RCS crop ratio and pseudo-label margins
             assert cfg.data.rcs_min_crop_ratio == 2.0
@@ -138,6 +150,8 @@ def tiny_paper_overrides(cfg, trees, work_dir):
     if cfg.data.target_pseudo_margins is not None:  # HRDA's margins, scaled to the tiny images
         out.append("--data.target_pseudo_margins=[2,8,2,2]")
     out.append(f"--model.backbone={SMALL_BACKBONE[cfg.model.backbone]}")
+    # MIC's blocks shrink with the crop (1024 or 512 -> 64): 4 px, 16 x 16 blocks per crop
+    out.append(f"--mic.block_size={max(1, cfg.mic.block_size * 64 // cfg.data.crop_size[0])}")
     if cfg.model.img_size is not None:
         out.append("--model.img_size=[64,64]")
     return out
@@ -151,10 +165,11 @@ def test_paper_config_runs_one_step_on_fake_official_trees(path, trees, tmp_path
     with open(out / "log.csv") as f:
         header, row = f.readline().strip().split(","), f.readline().strip().split(",")
     values = dict(zip(header, row))
-    terms = [c for c in header if c.startswith(("src.", "mix."))]
+    terms = [c for c in header if c.startswith(("src.", "mix.", "mic."))]
     expected = ["src.ce"] + (["src.fd"] if cfg.uda.fd else []) + (["src.cl"] if cfg.cl.source else [])
     if cfg.uda.enabled:
         expected += ["mix.ce"] + (["mix.cl"] if cfg.cl.mixed else [])
+        expected += (["mic.ce"] if cfg.mic.enabled else []) + (["mic.cl"] if cfg.cl.masked else [])
     assert terms == expected
     assert all(np.isfinite(float(values[t])) for t in terms)
     assert sorted(result["metrics"]) == sorted(cfg.eval.protocols)
