@@ -824,7 +824,7 @@ def standin_memory(n: int, c: int, dtype: torch.dtype, *, seed: int = 0) -> Dict
     saved = {name: getattr(ti, name) for name in ("_infonce_fwd_kernel", "_infonce_bwd_kernel",
                                                    "_interpreter_can_run") if hasattr(ti, name)}
     ti._infonce_fwd_kernel = _StandInKernel(saved["_infonce_fwd_kernel"],
-                                            ("neg_ptr", "loss_ptr", "r_ptr"))
+                                            ("neg_ptr", "loss_ptr", "q_ptr"))
     ti._infonce_bwd_kernel = _StandInKernel(saved["_infonce_bwd_kernel"],
                                             ("df_ptr", "dv_ptr", "du_ptr"))
     if "_interpreter_can_run" in saved:  # no kernel runs: bfloat16 is fine

@@ -68,7 +68,7 @@ def _signatures(cfg: "ti.TritonConfig", num_channels: int, dtype: torch.dtype, *
     ft = _TRITON_TYPES[dtype]
     layout = {name: "*i32" for name in ("gs_ptr", "ge_ptr", "cs_ptr", "ce_ptr")}
     fwd_sig = dict(f_ptr=ft, rinv_ptr="*fp32", u_ptr="*fp32", **layout, np_ptr="*i32",
-                   ex_ptr="*i8", neg_ptr="*fp32", loss_ptr="*fp32", r_ptr="*fp32",
+                   ex_ptr="*i8", neg_ptr="*fp32", loss_ptr="*fp32", q_ptr="*fp32",
                    n="i32", C="i32", inv_tau="fp32")
     fwd_const = dict(HAS_WEIGHT=has_weight, HAS_EXCLUSIVE=has_exclusive,
                      RESIDENT=cfg.resident_rows, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,

@@ -35,8 +35,8 @@ rows need 128.5 KiB on sm_80 to sm_89 (`python -m kernels.compile_report --arch 
 163 KiB holds them, the 99 KiB of sm_86 / sm_89 / sm_120 (RTX 30 / 40 / 50, A6000, L40) do not.
 
 Memory: the op holds the gathered features f (input dtype, saved for backward), their gradient
-(input dtype) and O(n) float32 statistics (rinv, proj, Neg', R', a, b); backward saves f, u,
-rinv, proj, Neg' and R'. Inputs are float16 / bfloat16 / float32, accumulation is float32. On a
+(input dtype) and O(n) float32 statistics (rinv, proj, Neg', Q, a, b); backward saves f, u,
+rinv, proj, Neg' and Q. Inputs are float16 / bfloat16 / float32, accumulation is float32. On a
 CPU this module runs only under Triton's interpreter (TRITON_INTERPRET=1 set before the import),
 which has no bfloat16.
 """
@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from kernels.layout import SortedPixels
+from kernels.layout import SortedPixels, negative_pair_scale
 
 # Triton picks the interpreter when a kernel is defined, i.e. when this module is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -134,7 +134,7 @@ def _negatives_tile(f_ptr, f_i, rinv_ptr, ex_ptr, rows, row_mask, rinv_i, gs, ge
 @triton.jit
 def _infonce_fwd_kernel(
     f_ptr, rinv_ptr, u_ptr, gs_ptr, ge_ptr, cs_ptr, ce_ptr, np_ptr, ex_ptr,  # inputs, (n, C), (n,)
-    neg_ptr, loss_ptr, r_ptr,  # outputs, (n,) float32
+    neg_ptr, loss_ptr, q_ptr,  # outputs, (n,) float32
     n, C, inv_tau,
     HAS_WEIGHT: tl.constexpr, HAS_EXCLUSIVE: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -144,9 +144,10 @@ def _infonce_fwd_kernel(
     # the statistics are those of DESIGN.md scaled by exp(-1/tau), which cancels in L:
     #   Neg'_i = sum_{n in N_i} e_in                                           (pass 1)
     #   L_i    = 1/|P_i| sum_{p in P_i} u_p [log(e_ip + Neg'_i) - t_ip]        (pass 2)
-    #   R'_i   = 1/|P_i| sum_{p in P_i} u_p / (e_ip + Neg'_i)                  (pass 2, for backward)
-    # and L_i = R'_i = 0 when P_i is empty. The denominators are clamped at FLT_MIN, which only
-    # matters when exp(-2/tau) underflows (tau < 2/87).
+    #   Q_i    = 1/|P_i| sum_{p in P_i} u_p Neg'_i / (e_ip + Neg'_i)         (pass 2, for backward)
+    # and L_i = Q_i = 0 when P_i is empty. Q_i lies in [0, max u] at any tau (DESIGN.md's R_i, Q_i
+    # / Neg'_i, overflows float32 for small tau). The denominators are clamped at FLT_MIN, which
+    # only matters where exp(t) underflows (tau < 2/87.3, see `kernels.functional`).
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n
@@ -189,11 +190,11 @@ def _infonce_fwd_kernel(
                                ce, ex_i, n0, hi, C, inv_tau, HAS_EXCLUSIVE, RESIDENT,
                                BLOCK_M, BLOCK_N, BLOCK_C, DOT_PRECISION)
 
-    # ---- pass 2: L_i and R'_i over the class columns only (the diagonal class blocks).
+    # ---- pass 2: L_i and Q_i over the class columns only (the diagonal class blocks).
     p_lo = tl.min(tl.where(row_mask, cs, n), axis=0)
     p_hi = tl.max(tl.where(row_mask, ce, 0), axis=0)
     loss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    r_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    q_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(p_lo, p_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_mask = cols < p_hi
@@ -214,13 +215,13 @@ def _infonce_fwd_kernel(
         else:
             w = 1.0
         loss += tl.sum(tl.where(is_pos, w * (tl.log(denom) - t), 0.0), axis=1)
-        r_acc += tl.sum(tl.where(is_pos, w / denom, 0.0), axis=1)
+        q_acc += tl.sum(tl.where(is_pos, w * (neg[:, None] / denom), 0.0), axis=1)
 
     num_pos = tl.load(np_ptr + rows, mask=row_mask, other=0)
     scale = tl.where(num_pos > 0, 1.0 / tl.maximum(num_pos, 1).to(tl.float32), 0.0)
     tl.store(neg_ptr + rows, neg, mask=row_mask)
     tl.store(loss_ptr + rows, loss * scale, mask=row_mask)
-    tl.store(r_ptr + rows, r_acc * scale, mask=row_mask)
+    tl.store(q_ptr + rows, q_acc * scale, mask=row_mask)
 
 
 @triton.jit
@@ -234,7 +235,8 @@ def _infonce_bwd_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, PRODUCT_BF16: tl.constexpr,
     PRODUCT_PRECISION: tl.constexpr, NATIVE_BF16: tl.constexpr,
 ):
-    # Upstream gradient g enters through a_i = g_i / |P_i| and b_i = g_i R'_i (0 without positives).
+    # Upstream gradient g enters through a_i = g_i / |P_i| and b_i = g_i Q_i / Neg'_i (0 without
+    # positives; kernels.layout.negative_pair_scale keeps it finite at any tau).
     #   G_ij = -a_i u_j Neg'_i / (e_ij + Neg'_i)   for j in P_i   (= dL_i/ds_ij * g_i)
     #   G_ij =  b_i e_ij                           for j in N_i
     #   H_ij = G_ij + G_ji, built from the statistics of row i and column j (the pair relation is
@@ -583,7 +585,7 @@ class TritonPixelInfoNCE(torch.autograd.Function):
     """Fused normalisation, forward and backward.
 
     Takes the raw sorted features f (input dtype) and saves for backward f itself (no copy), u,
-    and the per-row float32 rinv, proj, Neg' and R'. Backward returns df in f's dtype.
+    and the per-row float32 rinv, proj, Neg' and Q. Backward returns df in f's dtype.
     """
 
     @staticmethod
@@ -593,7 +595,7 @@ class TritonPixelInfoNCE(torch.autograd.Function):
         rinv, proj = inverse_norms(f)
         neg = torch.zeros(n, dtype=torch.float32, device=f.device)
         loss = torch.zeros_like(neg)
-        r_stat = torch.zeros_like(neg)
+        q_stat = torch.zeros_like(neg)
         ex = layout.exclusive.to(torch.int8) if layout.exclusive is not None else None
 
         def launch(c: TritonConfig) -> None:
@@ -601,7 +603,7 @@ class TritonPixelInfoNCE(torch.autograd.Function):
                 f, rinv, u if u is not None else neg,
                 layout.group_start, layout.group_end, layout.class_start, layout.class_end,
                 layout.num_pos, ex if ex is not None else layout.num_pos,
-                neg, loss, r_stat,
+                neg, loss, q_stat,
                 n, num_channels, inv_tau,
                 HAS_WEIGHT=u is not None, HAS_EXCLUSIVE=ex is not None,
                 RESIDENT=c.resident_rows, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
@@ -612,19 +614,19 @@ class TritonPixelInfoNCE(torch.autograd.Function):
         if n > 0:
             _launch("forward", f.device, cfg, launch)
         ctx.layout, ctx.ex, ctx.inv_tau, ctx.cfg = layout, ex, inv_tau, cfg
-        ctx.save_for_backward(f, u, rinv, proj, neg, r_stat)
+        ctx.save_for_backward(f, u, rinv, proj, neg, q_stat)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        f, u, rinv, proj, neg, r_stat = ctx.saved_tensors
+        f, u, rinv, proj, neg, q_stat = ctx.saved_tensors
         layout, ex, cfg = ctx.layout, ctx.ex, ctx.cfg
         n, num_channels = f.shape
         need_du = u is not None and ctx.needs_input_grad[1]
         g = grad_loss.float().contiguous()  # an expanded gradient (from .sum()) has stride 0
         num_pos = layout.num_pos.float()
         a = torch.where(num_pos > 0, g / num_pos.clamp_min(1.0), 0.0)  # (n,) g_i / |P_i|
-        b = g * r_stat  # (n,) g_i R'_i
+        b = negative_pair_scale(g, q_stat, neg)  # (n,) g_i Q_i / Neg'_i
         # Every element is written by the kernel (row blocks x channel blocks cover (n, C)).
         df = torch.empty_like(f)
         du = torch.zeros_like(u) if need_du else None

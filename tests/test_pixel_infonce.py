@@ -461,6 +461,136 @@ def test_triton_config_resolution_and_errors():
                                   temperature=0.1, config={"block_m": 64})
 
 
+# ---- small temperatures -------------------------------------------------------------------------
+#
+# Every path works with e = exp(s - 1/tau) = exp((cos - 1) / tau), which float32 represents down to
+# exp(-87.3) (FLT_MIN; a GPU's exp flushes what lies below). A pair whose (1 - cos) / tau exceeds
+# ~87 therefore has e = 0 in float32: at tau >= 2 / 87.3 (about 0.023) no pair of unit vectors does,
+# for post-ReLU features (cos >= 0) at tau >= 1 / 87.3 (about 0.0115). Below that the results stay
+# finite, and they still match the float64 reference where the pairs that matter are representable.
+
+
+def concentrated_inputs(n, c, k, tau, *, seed, reach=40.0, far=0):
+    """Inputs whose pairs all lie within (1 - cos) / tau <= ~reach of each other (float32 represents
+    every e), plus `far` pixels pointing the other way ((1 - cos) / tau ~ 2 / tau: e underflows) that
+    are anchors with positives but get no upstream gradient. Groups, exclusive and weights on.
+
+    Returns feats (float64), labels, kwargs, upstream (0 on the far pixels), the far mask and the
+    largest (1 - cos) / tau among the other pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    d = torch.randn(c, generator=gen, dtype=torch.float64)
+    d /= d.norm()
+    centres = torch.randn(k, c, generator=gen, dtype=torch.float64)
+    x = centres[labels] + 0.5 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    x -= (x @ d)[:, None] * d[None, :]  # tangent to the sphere at d
+
+    def spread(scale):
+        v = torch.nn.functional.normalize(d[None, :] + scale * x, dim=1)
+        return ((1 - v @ v.t()) / tau).max().item()
+
+    scale = math.sqrt(tau)
+    for _ in range(3):  # 1 - cos grows about quadratically with the scale
+        scale *= math.sqrt(reach / spread(scale))
+    widest = spread(scale)
+    norms = 0.5 + 1.5 * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    feats = (d[None, :] + scale * x) * norms
+    is_far = torch.zeros(n, dtype=torch.bool)
+    is_far[torch.randperm(n, generator=gen)[:far]] = True
+    # Away from d and from each other: (1 - cos) / tau >= ~0.8 / tau for every pair of theirs.
+    feats[is_far] = -0.5 * d[None, :] + torch.randn(far, c, generator=gen, dtype=torch.float64)
+    labels[torch.rand(n, generator=gen) < 0.05] = 255
+    labels[is_far] = labels[~is_far][: far]  # classes of the near pixels: the far ones have positives
+    kwargs = dict(groups=torch.randint(0, 2, (n,), generator=gen),
+                  exclusive=torch.rand(n, generator=gen) < 0.3,
+                  pos_weight=torch.rand(n, generator=gen, dtype=torch.float64) + 0.1)
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    upstream[is_far] = 0.0
+    return feats, labels, kwargs, upstream, is_far, widest
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.002, 0.001])
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("torch", "triton")])
+def test_small_temperature_matches_reference(impl, tau):
+    """tau far below the range where every pair is representable, on pixels that are: values and
+    gradients match the float64 reference. The far pixels' own pairs underflow (their e and the
+    denominators of their own loss are 0 in float32); with no upstream gradient on them, the
+    reference's gradient does not depend on them either, and before the fix their denominators
+    (clamped at FLT_MIN) made R' overflow and every gradient NaN (0 * inf)."""
+    feats, labels, kwargs, upstream, is_far, widest = concentrated_inputs(
+        150, 16, 5, tau, seed=int(1 / tau), far=4)
+    v = torch.nn.functional.normalize(feats, dim=1)
+    far_reach = ((1 - v[is_far] @ v.t()) / tau).masked_fill(torch.eye(150)[is_far].bool(), 1e9)
+    assert 20 < widest < 80 and far_reach.min() > 110  # near pixels representable, far ones not
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    for x in got:
+        assert torch.isfinite(x).all()
+    assert_matches(got[0][~is_far], ref[0][~is_far], what="loss", **loss_tol(tau))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+    assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    assert ref[1].abs().max() > 1e-3 / tau and ref[0][~is_far].abs().max() > 0.1  # not trivial
+
+
+def simplex_inputs(num_groups, c, *, seed):
+    """Groups of three pixels at 120 degrees from each other (cos = -1/2 for every pair), labels
+    (0, 0, 1): each anchor's every partner is at (1 - cos) / tau = 1.5 / tau, so every e is
+    exp(-1.5 / tau) and an anchor's loss is u_p log(2) whatever tau (one positive p and one negative
+    of equal similarity)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(num_groups, c, 2, generator=gen, dtype=torch.float64))[0]
+    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
+    plane = torch.stack([angles.cos(), angles.sin()], 1)  # (3, 2)
+    feats = torch.einsum("kd,gcd->gkc", plane, basis).reshape(-1, c)
+    feats = feats * (0.5 + torch.rand(feats.shape[0], 1, generator=gen, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 1]).repeat(num_groups)
+    groups = torch.arange(num_groups).repeat_interleave(3)
+    weights = torch.rand(feats.shape[0], generator=gen, dtype=torch.float64) + 0.1
+    upstream = torch.randn(feats.shape[0], generator=gen, dtype=torch.float64)
+    return feats, labels, dict(groups=groups, pos_weight=weights), upstream
+
+
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("torch", "triton")])
+def test_temperature_bound_edge_of_float32(impl):
+    """Every e at the edge of float32's normal range: (1 - cos) / tau = 85 (e = 1.2e-37, FLT_MIN is
+    1.18e-38) still matches the float64 reference. At 110 every e underflows to 0: each anchor's
+    loss becomes u_p (log(FLT_MIN) - t_ip) = u_p (110 - 87.3) (the denominators' clamp, as in the
+    float32 reference) instead of u_p log(2), and the gradient is 0; both stay finite."""
+    feats, labels, kwargs, upstream = simplex_inputs(20, 12, seed=79)
+    tau = 1.5 / 85
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    anchors = labels == 0
+    u_partner = kwargs["pos_weight"].view(-1, 3)[:, [1, 0]].reshape(-1)  # (40,) u_p of each anchor
+    torch.testing.assert_close(ref[0][anchors], u_partner * math.log(2))
+    assert_matches(got[0], ref[0], what="loss", **loss_tol(tau))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+    assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    assert ref[1].abs().max() > 1.0
+
+    tau = 1.5 / 110
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    clamped = u_partner * (110 + math.log(torch.finfo(torch.float32).tiny))
+    torch.testing.assert_close(got[0][anchors].double(), clamped, rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+    assert not got[1].any()
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.001, 1e-5])
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("reference", "torch", "triton")])
+def test_tiny_temperature_stays_finite(impl, tau):
+    """Isotropic features far below the bound: most pairs underflow, whole anchors have all their
+    denominators at 0. Loss and both gradients stay finite (the loss of such an anchor is not the
+    float64 value: log(FLT_MIN) - t_ip, as in the float32 reference)."""
+    feats, labels, kwargs, upstream = make_inputs(90, 8, 3, seed=78, groups=True, exclusive=True,
+                                                  weight=True)
+    loss, grad, grad_u = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32,
+                                  temperature=tau)
+    for x in (loss, grad, grad_u):
+        assert torch.isfinite(x).all()
+    assert (loss != 0).any()
+
+
 # ---- edge cases -------------------------------------------------------------------------------
 
 IMPLS = ["reference", "torch", pytest.param("triton", marks=needs_triton)]
