@@ -721,7 +721,8 @@ def summary(run: Sequence[Dict[str, str]]) -> str:
 
 def variants_summary(run: Sequence[Dict[str, str]]) -> str:
     """The launch-variant comparison of a run: every "triton:<variant>" cell with its fwd, bwd and
-    fwd+bwd medians, and per (N, C, dtype) the fastest fwd+bwd with its speed-up over v1."""
+    fwd+bwd medians, and per (N, C, dtype) the fastest fwd+bwd with its speed-up over the default
+    preset ("resident") when that ran too."""
     rows = [r for r in run if r["provider"].startswith("triton:")]
     if not rows:
         return "no launch-variant rows in this run"
@@ -747,8 +748,8 @@ def variants_summary(run: Sequence[Dict[str, str]]) -> str:
         if not timed:
             continue
         best = min(timed, key=timed.get)
-        base = timed.get("triton:v1")
-        ratio = f", {base / timed[best]:.2f}x v1" if base else ""
+        base = timed.get("triton:resident")
+        ratio = f", {base / timed[best]:.2f}x resident" if base and best != "triton:resident" else ""
         verdicts.append(f"fastest fwd+bwd at N={n:,}, C={c}, {dtype}: {best} "
                         f"({_num(timed[best])} ms{ratio})")
     return "\n".join(lines + verdicts)

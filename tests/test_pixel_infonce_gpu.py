@@ -73,14 +73,16 @@ def test_triton_large_n_against_tiled_torch(dtype):
 
 
 @pytest.mark.parametrize("variant, dtype", [
-    ("bf16prod", torch.bfloat16), ("fulld", torch.bfloat16), ("resident", torch.bfloat16),
-    ("wide", torch.bfloat16), ("resident", torch.float16)])
+    ("streamed", torch.bfloat16), ("resident", torch.bfloat16), ("split", torch.bfloat16),
+    ("split_tma", torch.bfloat16), ("split_m32", torch.bfloat16), ("resident", torch.float16),
+    ("split", torch.float16)])
 def test_triton_variants_match_reference_on_gpu(variant, dtype):
-    """C = 512: "resident" keeps 64 x 512 rows on chip, "fulld" / "resident" own all 512 gradient
-    channels per backward program, every variant takes bfloat16 operands for H @ V with bfloat16
-    inputs (float16 keeps TF32). The bound is HALF_TOL, as for v1: the bfloat16 product rounds H
-    to the inputs' own 8-bit mantissa (about 4e-3 relative in the gradient, measured with float16
-    inputs under the interpreter)."""
+    """C = 512: "resident" keeps 64 x 512 rows on chip in forward and owns all 512 gradient
+    channels per backward program, the split presets run the split-loop kernels (rows on chip in
+    both passes; "split_tma" loads the column tiles by TMA), every preset takes bfloat16 operands
+    for H @ V with bfloat16 inputs (float16 keeps TF32). The bound is HALF_TOL: the bfloat16
+    product rounds H to the inputs' own 8-bit mantissa (about 4e-3 relative in the gradient,
+    measured with float16 inputs under the interpreter)."""
     inputs = _to_cuda(*make_inputs(2500, 512, 19, seed=37, groups=True, exclusive=True,
                                    weight=True, clustered=True))
     feats, labels, kwargs, upstream = inputs
