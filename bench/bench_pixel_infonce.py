@@ -1014,12 +1014,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.variants:
         # Every variant at the largest N first (the headline), then the next N, and so on.
-        from kernels.triton_infonce import VARIANTS
+        from kernels.triton_infonce import VARIANTS, resolve_variant
 
-        names = tuple(VARIANTS) if args.variants == ("all",) else args.variants
-        unknown = [v for v in names if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"--variants: unknown {unknown}; known: {tuple(VARIANTS)}")
+        try:  # an earlier preset name maps to its new one (a warning) or names its replacement
+            names = (tuple(VARIANTS) if args.variants == ("all",)
+                     else tuple(resolve_variant(v) for v in args.variants))
+        except ValueError as exc:
+            raise ValueError(f"--variants: {exc}") from None
         cells = [Cell(f"triton:{v}", n, c, d) for n in sorted(args.n, reverse=True)
                  for c in args.c for d in args.dtype for v in names]
     else:

@@ -144,8 +144,8 @@ if [ "$KERNEL" = 1 ]; then
     # The interpreter: float16 (it has no bfloat16) so that the split kernels run, tiny cells.
     MAIN=(--n 96 --c 16 --dtype float16)
     PROBE=("${MAIN[@]}" --gate-n 80 --warm-n 64)
-    REG_ALL=("--n 64 --c 16 --dtype float16" "--n 96 --c 24 --dtype float16")
-    REG_DEFAULT=("--n 64 --c 40 --dtype float16" "--n 64 --c 24 --dtype float32")
+    REG_ALL=("--n 64 --c 16 --dtype float16")
+    REG_DEFAULT=("--n 64 --c 24 --dtype float32")
     BENCH_EXTRA=(--no-det)
   else
     MAIN=(--n 131072 --c 512 --dtype bfloat16)

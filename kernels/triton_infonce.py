@@ -365,11 +365,13 @@ def _infonce_bwd_kernel(
 #                        with column / diagonal masks.
 #
 # A launch covers a list of row blocks (`blocks_ptr`): the "uniform" blocks (one class) run the
-# specialisation UNIFORM=True, with one loop over all full negative-only tiles, one over the full
-# class tiles and one each over their few edge tiles; the others (a block that straddles a class
-# or group boundary) run UNIFORM=False, the per-row masked body over the block's whole column
-# range, as the kernels above. Both write only their own rows: no atomics, deterministic. Blocks
-# are listed longest column range first, so that the big blocks do not run last (the tail).
+# specialisation UNIFORM=True (forward: one loop over all full negative-only tiles, one over their
+# two edge tiles, one over the full class tiles, one over the diagonal and edge class tiles;
+# backward: one loop over all of them whose body branches on the tile's kind); the others (a
+# block that straddles a class or group boundary) run UNIFORM=False, the per-row masked body over
+# the block's whole column range, as the kernels above (the backward in 32-row sub-blocks). Every
+# program writes only its own rows: no atomics, deterministic. Blocks are listed longest column
+# range first, so that the big blocks do not run last (the tail).
 #
 # Work per pair: e = exp2(raw * a_i * rinv_j - K) with K = log2(e) / tau and a_i = rinv_i K
 # folded once per row (one FMUL, one FFMA, one MUFU), losses in log2 units scaled by ln 2 once

@@ -89,9 +89,10 @@ def test_triton_kernels_compile_for_gpus():
     training call it (no optional input) compiles for sm_90 with tensor-core instructions (wgmma
     where a program has 64 rows or more), within 227 KiB of shared memory and with at most one
     spill instruction inside a loop (kernels.compile_report: a spill outside the loops costs once
-    per program); the presets meant for sm_80 (the default, streamed, split_m32) compile for it
-    with mma.sync within its 163 KiB, the latter two without a spill inside a loop. With every
-    optional input on, the split presets compile for sm_90 with tensor-core instructions."""
+    per program); the presets meant for sm_80 (streamed, split_m32) compile for it with mma.sync
+    within its 163 KiB and without a spill inside a loop (the default's fit there is
+    test_default_preset_fits_each_gpu_or_has_a_fallback_that_does). With every optional input on,
+    "split" compiles for sm_90 with tensor-core instructions."""
     pytest.importorskip("triton")
     result = _run("""
         import json
@@ -105,8 +106,8 @@ def test_triton_kernels_compile_for_gpus():
                 for r in compile_kernels(ti.TritonConfig(), num_channels=64, dtype=dtype, arch=arch):
                     done.append(f"{r.kernel}/{dtype}/sm_{arch}")
         runs = [(name, 90, False) for name in ti.VARIANTS]
-        runs += [(name, 80, False) for name in ("resident", "streamed", "split_m32")]
-        runs += [(name, 90, True) for name in ("split", "split_tma", "split_m32")]
+        runs += [(name, 80, False) for name in ("streamed", "split_m32")]
+        runs += [("split", 90, True)]
         for name, arch, every in runs:
             reports = compile_kernels(ti.variant_config(name, torch.bfloat16), num_channels=512,
                                       dtype=torch.bfloat16, arch=arch, has_weight=every,
@@ -130,8 +131,8 @@ def test_triton_kernels_compile_for_gpus():
             assert 0 < r["registers"] <= 255 and r["shared_bytes"] <= limit * 1024, where
             if arch == "sm_80":
                 assert r["matrix_ops"].get("HMMA", 0) > 0, where  # Ampere mma.sync, not FMA
-                if name != "resident" and r["loop_spills"] is not None:
-                    assert r["loop_spills"] == 0, where  # the sm_80 candidates exist for this
+                if r["loop_spills"] is not None:
+                    assert r["loop_spills"] == 0, where  # the sm_80 presets exist for this
                 continue
             # Hopper wgmma, not mma.sync / FMA; wgmma takes 64-row tiles, so 32-row programs (the
             # split backward's general blocks, split_m32) use mma.sync
