@@ -721,7 +721,8 @@ def summary(run: Sequence[Dict[str, str]]) -> str:
 
 def variants_summary(run: Sequence[Dict[str, str]]) -> str:
     """The launch-variant comparison of a run: every "triton:<variant>" cell with its fwd, bwd and
-    fwd+bwd medians, and per (N, C, dtype) the fastest fwd+bwd with its speed-up over v1."""
+    fwd+bwd medians, and per (N, C, dtype) the fastest fwd+bwd with its speed-up over the default
+    preset ("resident") when that ran too."""
     rows = [r for r in run if r["provider"].startswith("triton:")]
     if not rows:
         return "no launch-variant rows in this run"
@@ -747,8 +748,8 @@ def variants_summary(run: Sequence[Dict[str, str]]) -> str:
         if not timed:
             continue
         best = min(timed, key=timed.get)
-        base = timed.get("triton:v1")
-        ratio = f", {base / timed[best]:.2f}x v1" if base else ""
+        base = timed.get("triton:resident")
+        ratio = f", {base / timed[best]:.2f}x resident" if base and best != "triton:resident" else ""
         verdicts.append(f"fastest fwd+bwd at N={n:,}, C={c}, {dtype}: {best} "
                         f"({_num(timed[best])} ms{ratio})")
     return "\n".join(lines + verdicts)
@@ -824,7 +825,7 @@ def standin_memory(n: int, c: int, dtype: torch.dtype, *, seed: int = 0) -> Dict
     saved = {name: getattr(ti, name) for name in ("_infonce_fwd_kernel", "_infonce_bwd_kernel",
                                                    "_interpreter_can_run") if hasattr(ti, name)}
     ti._infonce_fwd_kernel = _StandInKernel(saved["_infonce_fwd_kernel"],
-                                            ("neg_ptr", "loss_ptr", "r_ptr"))
+                                            ("neg_ptr", "loss_ptr", "q_ptr"))
     ti._infonce_bwd_kernel = _StandInKernel(saved["_infonce_bwd_kernel"],
                                             ("df_ptr", "dv_ptr", "du_ptr"))
     if "_interpreter_can_run" in saved:  # no kernel runs: bfloat16 is fine
@@ -1013,12 +1014,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.variants:
         # Every variant at the largest N first (the headline), then the next N, and so on.
-        from kernels.triton_infonce import VARIANTS
+        from kernels.triton_infonce import VARIANTS, resolve_variant
 
-        names = tuple(VARIANTS) if args.variants == ("all",) else args.variants
-        unknown = [v for v in names if v not in VARIANTS]
-        if unknown:
-            raise ValueError(f"--variants: unknown {unknown}; known: {tuple(VARIANTS)}")
+        try:  # an earlier preset name maps to its new one (a warning) or names its replacement
+            names = (tuple(VARIANTS) if args.variants == ("all",)
+                     else tuple(resolve_variant(v) for v in args.variants))
+        except ValueError as exc:
+            raise ValueError(f"--variants: {exc}") from None
         cells = [Cell(f"triton:{v}", n, c, d) for n in sorted(args.n, reverse=True)
                  for c in args.c for d in args.dtype for v in names]
     else:

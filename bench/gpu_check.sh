@@ -37,15 +37,36 @@
 #   GPU_CHECK_BENCH_ARGS     extra arguments for bench.bench_pixel_infonce
 #   GPU_CHECK_TRAIN_BUDGET_S training budget in seconds (default: 150; 0 skips step 3)
 #   GPU_CHECK_TRAIN_ARGS     extra arguments for bench.train_steps (e.g. --cases daformer,hrda)
+#
+# --kernel: issue 12's measurement of the launch presets instead (one call of at most ~8 minutes:
+# `run` with timeout_s=540), every step under its own time limit:
+# 1. environment (as above)
+# 2. the GPU tests as a gate: `pytest -m gpu -k "$GPU_CHECK_KERNEL_TESTS"` (<= 150 s; every
+#    preset against the float64 reference with every optional input, and determinism)
+# 3. bench.kernel_probe --prepare (<= 120 s): same-run references (8192^3 bf16 matmul, the
+#    shape-matched 8192 x ~118K x 512 product), SM clock, a compile warm-up of every preset at
+#    N = 4,096 (compile seconds logged), every preset against the tiled torch path at N = 32,768
+#                                                     -> $OUT/kernel_probe.json
+# 4. the main cell, N = 131,072, C = 512, bfloat16, fwd / bwd / fwd+bwd, memory and determinism,
+#    for every preset that passed the gate (<= 110 s)  -> rows in $OUT/pixel_infonce.csv
+# 5. the regression cells (<= 90 s): N = 16,384 / C = 512 and N = 131,072 / C = 256 for those
+#    presets; N = 131,072 / C = 768 and float32 N = 16,384 / C = 256 for the default only (every
+#    preset runs the same kernels there)
+# 6. the short table, last (bench.kernel_probe --report)
+# Knobs: GPU_CHECK_KERNEL_VARIANTS (default resident,split,split_tma,split_m32; the default
+# preset first), GPU_CHECK_KERNEL_TESTS (the pytest -k filter).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
 DRY_RUN=0
-case "${1:-}" in
-  "") ;;
-  --dry-run) DRY_RUN=1 ;;
-  *) echo "usage: bash bench/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
-esac
+KERNEL=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    --kernel) KERNEL=1 ;;
+    *) echo "usage: bash bench/gpu_check.sh [--kernel] [--dry-run]" >&2; exit 2 ;;
+  esac
+done
 
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
@@ -68,7 +89,7 @@ read -r -a TRAIN_ARGS <<< "${GPU_CHECK_TRAIN_ARGS:-}"
 # it ends.
 LOGS="$(mktemp -d)"
 gather_logs() {
-  for f in env pytest_gpu variants bench train_steps; do
+  for f in env pytest_gpu kernel_probe variants regression_all bench train_steps; do
     if [ -f "$LOGS/$f.log" ]; then echo "==================== $f.log"; cat "$LOGS/$f.log"; fi
   done > "$OUT/gpu_check.log"
   rm -rf "$LOGS"
@@ -114,6 +135,74 @@ run_step() {
   tail -n "$lines" "$log"
   return $rc
 }
+
+if [ "$KERNEL" = 1 ]; then
+  KVARIANTS="${GPU_CHECK_KERNEL_VARIANTS:-resident,split,split_tma,split_m32}"
+  KDEFAULT="${KVARIANTS%%,*}"
+  KTESTS="${GPU_CHECK_KERNEL_TESTS:-variants or determinis}"
+  if [ "$DRY_RUN" = 1 ]; then
+    # The interpreter: float16 (it has no bfloat16) so that the split kernels run, tiny cells.
+    MAIN=(--n 96 --c 16 --dtype float16)
+    PROBE=("${MAIN[@]}" --gate-n 80 --warm-n 64)
+    REG_ALL=("--n 64 --c 16 --dtype float16")
+    REG_DEFAULT=("--n 64 --c 24 --dtype float32")
+    BENCH_EXTRA=(--no-det)
+  else
+    MAIN=(--n 131072 --c 512 --dtype bfloat16)
+    PROBE=("${MAIN[@]}")
+    REG_ALL=("--n 16384 --c 512 --dtype bfloat16" "--n 131072 --c 256 --dtype bfloat16")
+    REG_DEFAULT=("--n 131072 --c 768 --dtype bfloat16" "--n 16384 --c 256 --dtype float32")
+    BENCH_EXTRA=()
+  fi
+  echo "== pytest -m gpu -k \"$KTESTS\" ($TESTS, at most ${GPU_CHECK_TEST_TIMEOUT:-150}s)"
+  run_step pytest_gpu "${GPU_CHECK_TEST_TIMEOUT:-150}" 10 15 \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider "$TESTS" -k "$KTESTS"
+  TEST_RC=$?
+  echo "== bench.kernel_probe --prepare --variants $KVARIANTS ${PROBE[*]} (stopped at 120s)"
+  run_step kernel_probe 120 10 30 \
+    "$PY" -m bench.kernel_probe --prepare --variants "$KVARIANTS" "${PROBE[@]}" --out "$OUT"
+  PROBE_RC=$?
+  PASSING=""
+  if [ "$PROBE_RC" = 0 ]; then PASSING="$("$PY" -m bench.kernel_probe --passing --out "$OUT")"; fi
+  CELLS_RC=0
+  if [ -n "$PASSING" ]; then
+    echo "== main cell: bench.bench_pixel_infonce --variants $PASSING ${MAIN[*]} (stopped at 110s)"
+    run_step variants 110 10 3 "$PY" -m bench.bench_pixel_infonce --variants "$PASSING" \
+      "${MAIN[@]}" --budget-s 85 ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} --out "$OUT" || CELLS_RC=1
+    START=$SECONDS
+    for cell in "${REG_ALL[@]}" "${REG_DEFAULT[@]}"; do
+      read -r -a CELL <<< "$cell"
+      case " ${REG_ALL[*]} " in *" $cell "*) WHO="$PASSING" ;; *) WHO="$KDEFAULT" ;; esac
+      LEFT=$((90 - (SECONDS - START)))
+      if [ "$LEFT" -lt 15 ]; then echo "regression cell $cell: skipped (time)"; continue; fi
+      echo "== regression cell: --variants $WHO $cell (stopped at ${LEFT}s)"
+      run_step regression "$LEFT" 10 2 "$PY" -m bench.bench_pixel_infonce --variants "$WHO" \
+        "${CELL[@]}" --budget-s $((LEFT - 10)) ${BENCH_EXTRA[@]+"${BENCH_EXTRA[@]}"} \
+        --out "$OUT"
+      case $? in 0|124|137) ;; *) CELLS_RC=1 ;; esac  # a cell stopped for time is not a failure
+      cat "$LOGS/regression.log" >> "$LOGS/regression_all.log"
+    done
+  else
+    echo "no preset passed the gate: nothing timed (see gpu_check.log)"
+    CELLS_RC=1
+  fi
+  echo
+  case $TEST_RC in 0) T="passed" ;; 5) T="no GPU test collected" ;;
+    124|137) T="stopped" ;; *) T="FAILED (exit $TEST_RC)" ;; esac
+  echo "== summary (files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')+ gpu_check.log)"
+  echo "GPU tests: $T; probe exit code: $PROBE_RC; timed presets: ${PASSING:-none}"
+  REPORT_RC=0
+  if [ -s "$OUT/kernel_probe.json" ]; then
+    "$PY" -m bench.kernel_probe --report --out "$OUT" || REPORT_RC=1
+  else
+    REPORT_RC=1
+  fi
+  if [ "$PROBE_RC" != 0 ] || [ "$CELLS_RC" != 0 ] || [ "$REPORT_RC" != 0 ] \
+     || { [ "$TEST_RC" != 0 ] && [ "$TEST_RC" != 5 ]; }; then
+    exit 1
+  fi
+  exit 0
+fi
 
 # ---- 2. GPU-marked tests -------------------------------------------------------------------
 echo "== pytest -m gpu ($TESTS, at most ${TEST_TIMEOUT}s)"

@@ -475,10 +475,11 @@ def validate(cfg: Config) -> Config:
     if c.masked and not mic.enabled:
         raise ConfigError("cl.masked needs mic.enabled (the term lives on MIC's masked image)")
     if c.triton_variant is not None:
-        from kernels.triton_infonce import VARIANTS  # only when asked for: it imports triton
-        if c.triton_variant not in VARIANTS:
-            raise ConfigError(f"cl.triton_variant must be null or one of {sorted(VARIANTS)}, "
-                              f"got {c.triton_variant!r}")
+        from kernels.triton_infonce import resolve_variant  # only when asked for: imports triton
+        try:
+            resolve_variant(c.triton_variant)  # an earlier name maps, with a warning
+        except ValueError as err:
+            raise ConfigError(f"cl.triton_variant must be null or a preset name: {err}") from None
     if not 0.0 <= u.ema_alpha <= 1.0 or not 0.0 <= u.pseudo_threshold <= 1.0:
         raise ConfigError(f"uda.ema_alpha and uda.pseudo_threshold must lie in [0, 1], got "
                           f"{u.ema_alpha}, {u.pseudo_threshold}")

@@ -108,9 +108,15 @@ def pixel_infonce(
         feats: (N, C) float16 / bfloat16 / float32 features, any device, any strides. float64 is
             accepted by the "reference" and "torch" paths (for gradchecks) and returns float64.
         labels: (N,) integer labels.
-        temperature: tau, a finite float > 0. The shifted exponentials exp(s - 1/tau) stay in
-            float32 range for tau >= 2/87 (about 0.023); below that results stay finite but lose
-            accuracy.
+        temperature: tau, a finite float > 0. Every path computes e = exp(s - 1/tau) =
+            exp((cos - 1) / tau) in float32, whose normal range ends at exp(-87.3): a pair with
+            (1 - cos) / tau > 87.3 counts as e = 0. So the result is exact (to float32 rounding)
+            for any features at tau >= 2 / 87.3 (about 0.023), for non-negative (post-ReLU)
+            features at tau >= 1 / 87.3 (about 0.0115), and below that for every anchor whose
+            nearest negative, or else each of its positives, lies within that reach (dropped
+            pairs are below FLT_MIN of the denominators they join). An anchor farther than that
+            from all its partners gets u_p (log(FLT_MIN) - t_ip) per positive and no gradient,
+            as in the float32 reference. Loss and gradients are finite at any tau.
         groups: (N,) integer group ids (e.g. stuff / thing), or None for one group.
         exclusive: (N,) bool, or None; two exclusive pixels never pair (HR-HR in multi-res CLUDA).
         pos_weight: (N,) floating weight u_j of partner j's positive term, or None (ones).

@@ -118,3 +118,26 @@ def sort_pixels(
         num_pos=num_pos.int().contiguous(),
         exclusive=ex_sorted.contiguous() if ex_sorted is not None else None,
     )
+
+
+def negative_pair_scale(grad: torch.Tensor, q_stat: torch.Tensor, neg_sum: torch.Tensor) -> torch.Tensor:
+    """b_i = g_i Q_i / Neg'_i, the backward's factor of e_ij for the negative pairs of anchor i.
+
+    With e_ij = exp(s_ij - 1/tau), Neg'_i = sum_{n in N_i} e_in and
+    Q_i = 1/|P_i| sum_p u_p Neg'_i / (e_ip + Neg'_i) (bounded by max u), dL_i/ds_ij = b_i e_ij / g_i
+    for j in N_i. Since e_ij <= Neg'_i, the product b_i e_ij stays below |g_i| max u even when
+    Neg'_i is tiny; b_i alone may not: Neg'_i is floored at FLT_MIN (a row whose negatives all
+    underflowed has Q_i = 0 and every e_ij = 0) and |b_i| capped at a quarter of the dtype's
+    largest value, so that b_i + b_j and e_ij (b_i + b_j) stay finite at any temperature.
+
+    Args:
+        grad: (n,) upstream gradient g of the sorted rows.
+        q_stat: (n,) Q of the sorted rows (0 where P_i is empty), same dtype as grad.
+        neg_sum: (n,) Neg' of the sorted rows, same dtype.
+
+    Returns:
+        (n,) b in grad's dtype.
+    """
+    info = torch.finfo(grad.dtype)
+    b = grad * q_stat / neg_sum.clamp_min(info.tiny)
+    return b.clamp(-info.max / 4, info.max / 4)

@@ -2,26 +2,32 @@
 
 The rows are the valid pixels sorted by (group, label) (`kernels.layout`). A block of rows is
 compared with the columns of its groups only; the similarity block is never kept. Forward keeps
-per row only Neg'_i and R'_i; backward recomputes each similarity block. With t_ij = s_ij - 1/tau,
+per row only Neg'_i and Q_i; backward recomputes each similarity block. With t_ij = s_ij - 1/tau,
 e_ij = exp(t_ij) in [exp(-2/tau), 1] and the primed statistics scaled by exp(-1/tau):
 
     Neg'_i = sum_{n in N_i} e_in
     L_i    = 1/|P_i| sum_{p in P_i} u_p [log(e_ip + Neg'_i) - t_ip]
-    R'_i   = 1/|P_i| sum_{p in P_i} u_p / (e_ip + Neg'_i)
+    Q_i    = 1/|P_i| sum_{p in P_i} u_p Neg'_i / (e_ip + Neg'_i)       (in [0, max u])
 
-Backward, for upstream g, a_i = g_i / |P_i| and b_i = g_i R'_i (both 0 when P_i is empty):
+Backward, for upstream g, a_i = g_i / |P_i| and b_i = g_i Q_i / Neg'_i (both 0 when P_i is empty):
 
     G_ij = -a_i u_j Neg'_i / (e_ij + Neg'_i)   (j in P_i),   G_ij = b_i e_ij   (j in N_i)
     dv_i = 1/tau sum_j (G_ij + G_ji) v_j                      (S = V V^T is symmetric)
     du_j = sum_{i: j in P_i} a_i [log(e_ij + Neg'_i) - t_ij]  (the positive relation is symmetric)
 
 so a row block needs only its own and its partners' statistics: no N x N buffer, no atomics.
+
+Small temperatures (`kernels.layout.negative_pair_scale`): DESIGN.md's
+R_i = 1/|P_i| sum_p u_p / (e_ip + Neg'_i) can reach exp(2/tau), past float32's range for
+tau < 2/88.7, and is inf where a row's denominators underflow to the FLT_MIN clamp, which would
+turn b_i e_ij into inf * 0 = NaN. Q_i is bounded at any tau, and b_i = g_i Q_i / Neg'_i only ever
+multiplies e_ij <= Neg'_i (e_ij is one of the terms of Neg'_i), so H stays finite.
 """
 from typing import Iterator, Optional, Tuple
 
 import torch
 
-from kernels.layout import SortedPixels
+from kernels.layout import SortedPixels, negative_pair_scale
 
 # Elements of one (rows x columns) block: a handful of float32 / bool temporaries of this size
 # (16 MiB per float32 one) are alive at once.
@@ -70,7 +76,7 @@ class _Block:
 
 
 class TiledPixelInfoNCE(torch.autograd.Function):
-    """Forward / backward over row blocks; saves v, u, Neg' and R' (O(N) floats) for backward."""
+    """Forward / backward over row blocks; saves v, u, Neg' and Q (O(N) floats) for backward."""
 
     @staticmethod
     def forward(ctx, v: torch.Tensor, u: Optional[torch.Tensor], layout: SortedPixels,
@@ -79,7 +85,7 @@ class TiledPixelInfoNCE(torch.autograd.Function):
         tiny = torch.finfo(v.dtype).tiny
         neg_sum = v.new_zeros(n)
         loss = v.new_zeros(n)
-        r_stat = v.new_zeros(n)
+        q_stat = v.new_zeros(n)
         for r0, r1, g0, g1, p0, p1 in _row_blocks(layout, block_rows):
             blk = _Block(v, layout, inv_tau, r0, r1, g0, g1, p0, p1)
             e_ok = blk.e if blk.both_excl is None else blk.e.masked_fill(blk.both_excl, 0.0)
@@ -93,25 +99,25 @@ class TiledPixelInfoNCE(torch.autograd.Function):
             denom = (e_p + neg_blk[:, None]).clamp_min(tiny)
             w = u[None, p0:p1] if u is not None else 1.0
             loss[r0:r1] = torch.where(blk.pos, w * (torch.log(denom) - t_p), 0.0).sum(1)
-            r_stat[r0:r1] = torch.where(blk.pos, w / denom, 0.0).sum(1)
+            q_stat[r0:r1] = torch.where(blk.pos, w * (neg_blk[:, None] / denom), 0.0).sum(1)
         num_pos = layout.num_pos.to(v.dtype)
         scale = torch.where(num_pos > 0, 1.0 / num_pos.clamp_min(1.0), 0.0)
         loss.mul_(scale)
-        r_stat.mul_(scale)
+        q_stat.mul_(scale)
         ctx.layout, ctx.inv_tau, ctx.block_rows = layout, inv_tau, block_rows
-        ctx.save_for_backward(v, u, neg_sum, r_stat)
+        ctx.save_for_backward(v, u, neg_sum, q_stat)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        v, u, neg_sum, r_stat = ctx.saved_tensors
+        v, u, neg_sum, q_stat = ctx.saved_tensors
         layout, inv_tau = ctx.layout, ctx.inv_tau
         tiny = torch.finfo(v.dtype).tiny
         need_du = u is not None and ctx.needs_input_grad[1]
         g = grad_loss.to(v.dtype)
         num_pos = layout.num_pos.to(v.dtype)
         a = torch.where(num_pos > 0, g / num_pos.clamp_min(1.0), 0.0)  # (n,) g_i / |P_i|
-        b = g * r_stat  # (n,) g_i R'_i (R' is 0 for rows without positives)
+        b = negative_pair_scale(g, q_stat, neg_sum)  # (n,) g_i Q_i / Neg'_i, 0 without positives
         dv = torch.zeros_like(v)
         du = torch.zeros_like(u) if need_du else None
         w = u if u is not None else v.new_ones(v.shape[0])

@@ -351,9 +351,11 @@ def test_quick_sweep_writes_sane_csv_markdown_and_plot(tmp_path):
         assert 0 < p20 <= median <= p80
         assert float(row["tflops"]) > 0 and float(row["peak_mem_mib"]) >= 0
         assert 0.4 < float(row["pair_fraction"]) < 0.9 and row["c"] == "64"
-    for row in rows:
-        if row["pass"] == "full" and row["provider"] != "triton":
-            assert row["deterministic"] == "yes"
+    # The determinism check runs for full passes of at most --det-max-s (2 s), which the larger
+    # reference cells can exceed on a loaded CPU.
+    checked = [r for r in rows if r["pass"] == "full" and r["provider"] != "triton"
+               and float(r["median_ms"]) <= 2000.0]
+    assert checked and all(r["deterministic"] == "yes" for r in checked)
     # The reference holds N x N matrices: at N = 4,096 (64 MiB each) it needs far more than at 512.
     peak = {(r["provider"], int(r["n"])): float(r["peak_mem_mib"]) for r in rows if r["pass"] == "full"}
     assert peak[("reference", 4096)] > 100 and peak[("reference", 4096)] > 4 * peak[("reference", 1024)]

@@ -3,6 +3,7 @@ torch path and the Triton kernels (under TRITON_INTERPRET=1 on a CPU; every laun
 kernels.triton_infonce.VARIANTS) against the reference, the fused normalisation, edge cases, input
 errors and determinism. Everything here runs on a CPU in seconds.
 """
+import dataclasses
 import math
 import os
 import subprocess
@@ -18,19 +19,18 @@ from kernels.tiled import tiled_pixel_infonce
 
 HAS_TRITON_CPU = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not HAS_TRITON_CPU, reason="needs CUDA or TRITON_INTERPRET=1")
-# The launch presets (kernels.triton_infonce.VARIANTS) other than v1, as impl strings
-# "triton:<name>" understood by `evaluate` ("triton" alone is the default, "resident"). Listed here
-# so that collecting the tests needs no triton import.
-VARIANT_NAMES = ("bf16prod", "fulld", "resident", "wide", "resident_d256", "resident_m32")
-# Launches that differ from v1's for float32 inputs. Every preset but "wide" is v1 there (the
-# bfloat16 product applies to bfloat16 inputs, which the interpreter cannot run:
-# test_triton_bf16_product_rounds_like_bfloat16 forces it on float32; the 512-channel backward and
-# the resident rows apply to 16-bit inputs, run in test_triton_float16_interpreter), so
-# "triton:resident_rows" (v1 with resident_rows=True, see `evaluate`) runs the resident forward
-# on float32 inputs.
-FLOAT32_VARIANTS = ("triton:wide", "triton:resident_rows")
-FLOAT16_VARIANTS = ("triton:fulld", "triton:resident", "triton:wide", "triton:resident_d256",
-                    "triton:resident_m32")
+# The launch presets (kernels.triton_infonce.VARIANTS), as impl strings "triton:<name>" understood
+# by `evaluate` ("triton" alone is the default, "resident"). Listed here so that collecting the
+# tests needs no triton import.
+VARIANT_NAMES = ("resident", "streamed", "split", "split_tma", "split_m32")
+# Every preset runs the streamed launch for float32 inputs (the bfloat16 product applies to
+# bfloat16 inputs, which the interpreter cannot run: test_triton_bf16_product_rounds_like_bfloat16
+# forces it on float32; the 512-channel backward, the resident rows and the split kernels apply
+# to 16-bit inputs, run in test_triton_float16_interpreter). So `evaluate` knows three launches
+# of their kernels in any dtype: "triton:resident_rows" (the streamed launch with resident_rows)
+# and "triton:split_loops" / "triton:split_loops_tma" (the split kernels with 16 x 16 tiles).
+FLOAT32_VARIANTS = ("triton:resident_rows", "triton:split_loops", "triton:split_loops_tma")
+FLOAT16_VARIANTS = tuple(f"triton:{name}" for name in VARIANT_NAMES)
 
 
 def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weight=False,
@@ -60,10 +60,12 @@ def make_inputs(n, c, num_classes, *, seed, groups=False, exclusive=False, weigh
     return feats, labels, kwargs, upstream
 
 
-def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
+def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature, config=None):
     """Loss, feats gradient and pos_weight gradient (None without weights) of one implementation
-    ("reference", "torch", "triton", "triton:<variant>" for a preset of VARIANTS, or
-    "triton:resident_rows" for v1's launch with resident row blocks in any dtype)."""
+    ("reference", "torch", "triton", "triton:<variant>" for a preset of VARIANTS,
+    "triton:resident_rows" for the streamed launch with resident row blocks in any dtype, or
+    "triton:split_loops" / "triton:split_loops_tma" for the split kernels in any dtype); `config`,
+    a TritonConfig, replaces the one the name gives."""
     f = feats.to(dtype).clone().requires_grad_()
     kw = dict(kwargs)
     u = None
@@ -75,8 +77,14 @@ def evaluate(impl, feats, labels, kwargs, upstream, *, dtype, temperature):
         from kernels.triton_infonce import TritonConfig, variant_config
 
         name = impl.split(":", 1)[1]
-        config = (TritonConfig(resident_rows=True) if name == "resident_rows"
-                  else variant_config(name, dtype))
+        if config is not None:
+            pass
+        elif name == "resident_rows":
+            config = TritonConfig(resident_rows=True)
+        elif name.startswith("split_loops"):
+            config = split_config(tma=name.endswith("_tma"))
+        else:
+            config = variant_config(name, dtype)
         loss = pixel_infonce_with_config(f, labels, temperature=temperature, config=config, **kw)
     else:
         loss = pixel_infonce(f, labels, temperature=temperature, impl=impl, **kw)
@@ -285,19 +293,19 @@ def test_variant_picks_the_triton_preset_and_is_ignored_elsewhere():
     from kernels.triton_infonce import variant_config
 
     feats, labels, kwargs, upstream = make_inputs(90, 40, 3, seed=21, weight=True)
-    f = feats.float()
+    f = feats.half()  # float16: the presets differ for 16-bit inputs
     u = kwargs["pos_weight"].float()
     want = pixel_infonce_with_config(f, labels, temperature=0.1, pos_weight=u,
-                                     config=variant_config("wide", torch.float32))
-    got = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="triton", variant="wide")
+                                     config=variant_config("split", torch.float16))
+    got = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="triton", variant="split")
     assert torch.equal(got, want)
     default = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="triton")
-    assert not torch.equal(default, want)  # wide's 64 x 64 tiles sum in another order
+    assert not torch.equal(default, want)  # the split kernels sum in another order
     torch.testing.assert_close(default, want)
     torch_path = pixel_infonce(f, labels, temperature=0.1, pos_weight=u, impl="torch")
     assert torch.equal(torch_path, pixel_infonce(f, labels, temperature=0.1, pos_weight=u,
                                                  impl="torch", variant="no such preset"))
-    with pytest.raises(ValueError, match=r"unknown variant 'fastest'; known: \['bf16prod'"):
+    with pytest.raises(ValueError, match=r"unknown variant 'fastest'; known: \['resident'"):
         pixel_infonce(f, labels, temperature=0.1, impl="triton", variant="fastest")
     with pytest.raises(TypeError, match="variant must be None or a preset name"):
         pixel_infonce(f, labels, temperature=0.1, impl="torch", variant=3)
@@ -425,8 +433,8 @@ def test_triton_normalisation_clamp_and_scale(impl):
 def test_triton_config_resolution_and_errors():
     from kernels.triton_infonce import DEFAULT_VARIANT, VARIANTS, TritonConfig, variant_config
 
-    assert set(VARIANT_NAMES) | {"v1"} == set(VARIANTS) and DEFAULT_VARIANT in VARIANTS
-    assert variant_config("v1", torch.float16) == TritonConfig()
+    assert set(VARIANT_NAMES) == set(VARIANTS) and DEFAULT_VARIANT == "resident"
+    assert variant_config("streamed", torch.float16) == TritonConfig()
     cfg = TritonConfig().resolved(70, torch.float32)
     assert (cfg.block_c, cfg.block_d, cfg.product_precision) == (64, 128, "ieee")
     cfg = TritonConfig(block_c=64, block_d=512).resolved(3, torch.float16)  # capped at 16 channels
@@ -437,15 +445,12 @@ def test_triton_config_resolution_and_errors():
     for c, dtype in ((768, torch.bfloat16), (512, torch.float32)):
         cfg = TritonConfig(resident_rows=True).resolved(c, dtype)
         assert not cfg.resident_rows and cfg.forward_block_c(c) == 64
-    full = variant_config("fulld", torch.bfloat16).resolved(512, torch.bfloat16)
-    assert full.block_d == 512 and full.product_precision == "bf16"
-    assert variant_config("fulld", torch.float32).resolved(512, torch.float32).block_d == 128
-    for name in ("resident", "resident_d256", "resident_m32"):
-        assert variant_config(name, torch.float32) == TritonConfig()  # float32: v1's launch
-    d256 = variant_config("resident_d256", torch.bfloat16).resolved(512, torch.bfloat16)
-    m32 = variant_config("resident_m32", torch.float16).resolved(512, torch.float16)
-    assert (d256.block_m, d256.block_d, d256.resident_rows) == (64, 256, True)
-    assert (m32.block_m, m32.block_d, m32.resident_rows) == (32, 512, True)
+    full = variant_config("resident", torch.bfloat16).resolved(512, torch.bfloat16)
+    assert full.block_d == 512 and full.product_precision == "bf16" and full.resident_rows
+    assert full.split_forward is None and full.split_backward is None
+    assert variant_config("streamed", torch.bfloat16).resolved(512, torch.bfloat16).block_d == 128
+    for name in VARIANT_NAMES:
+        assert variant_config(name, torch.float32) == TritonConfig()  # float32: streamed launch
     assert variant_config("resident", torch.float16).resolved(256, torch.float16).resident_rows
     assert TritonConfig(num_stages=2).launch_options() == {"num_warps": 8, "num_stages": 2}
     for bad, error in ((dict(block_m=48), ValueError), (dict(block_d=8), ValueError),
@@ -459,6 +464,355 @@ def test_triton_config_resolution_and_errors():
     with pytest.raises(TypeError, match="config"):
         pixel_infonce_with_config(torch.randn(10, 4), torch.randint(0, 3, (10,)),
                                   temperature=0.1, config={"block_m": 64})
+
+
+# ---- split-loop kernels ----------------------------------------------------------------------
+#
+# The split-loop kernels ("split" presets) run separate loop bodies for negative-only tiles, class
+# tiles and edge tiles of the row blocks that lie in one class ("uniform"), and a masked body for
+# the others. Small blocks (16 rows, 16 columns) and two or three large classes give every kind
+# of tile at N ~ 200; tile_kinds below counts them from the layout with the kernels' own tiling,
+# so a test whose input stopped covering one would say so.
+
+
+def split_config(*, tma=False, block_m=16, block_n=16):
+    """A config that runs both passes with the split-loop kernels in any dtype (the presets keep
+    them for 16-bit inputs, which the interpreter cannot run in bfloat16)."""
+    from kernels.triton_infonce import SplitLaunch, TritonConfig
+
+    launch = SplitLaunch(block_m=block_m, block_n=block_n, num_warps=4, num_stages=2, tma=tma)
+    return TritonConfig(split_forward=launch, split_backward=launch)
+
+
+def tile_kinds(layout, block_m, block_n):
+    """Counts of the tiles the split kernels visit, by kind, summed over the row blocks."""
+    from kernels.triton_infonce import split_row_blocks
+
+    uniform, general = split_row_blocks(layout, block_m)
+    n = layout.num_rows
+    kinds = dict(general_blocks=general.numel(), uniform_blocks=uniform.numel(), neg_full=0,
+                 neg_edge=0, class_full=0, class_diagonal=0, class_edge=0)
+    for blk in uniform.tolist():
+        r0, r_end = blk * block_m, min(blk * block_m + block_m, n)
+        gs, ge, cs, ce = (int(x[r0]) for x in (layout.group_start, layout.group_end,
+                                               layout.class_start, layout.class_end))
+        for lo, hi in ((gs, cs), (ce, ge)):
+            kinds["neg_full"] += (hi - lo) // block_n
+            kinds["neg_edge"] += (hi - lo) % block_n > 0
+        for n0 in range(cs, ce, block_n):
+            if n0 < r_end and n0 + block_n > r0:
+                kinds["class_diagonal"] += 1
+            elif n0 + block_n > ce:
+                kinds["class_edge"] += 1
+            else:
+                kinds["class_full"] += 1
+    return kinds
+
+
+# (N, C, classes, seed, groups, exclusive, weight, tma, block_m, block_n): C = 20 (padded to 32)
+# and 16, N not a multiple of the block, two or three large classes (uniform blocks with every
+# tile kind) and groups across them (general blocks at every class and group edge); 64-row blocks
+# run their general blocks as 32-row sub-blocks (SplitLaunch.general_backward).
+SPLIT_CASES = [
+    (203, 20, 2, 41, False, False, False, False, 16, 16),
+    (230, 16, 3, 42, True, True, True, False, 16, 16),
+    (230, 16, 3, 42, True, True, True, True, 16, 16),
+    (181, 20, 3, 43, True, False, True, True, 16, 16),
+    (301, 16, 2, 46, True, True, True, False, 64, 32),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"N{c[0]}-C{c[1]}-K{c[2]}-seed{c[3]}"
+                         + ("-tma" if c[7] else "") + f"-{c[8]}x{c[9]}")
+def test_split_kernels_match_reference(case):
+    """Every tile kind of the split kernels against the float64 reference: values, feature and
+    pos_weight gradients, random upstream gradient; with groups, exclusive pairs, weights and
+    tensor-descriptor (TMA) column loads."""
+    n, c, k, seed, grp, excl, w, tma, bm, bn = case
+    feats, labels, kwargs, upstream = make_inputs(n, c, k, seed=seed, groups=grp, exclusive=excl,
+                                                  weight=w, clustered=True)
+    if grp:
+        kwargs["groups"] = (torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.2).int()
+    layout = sort_pixels(labels, groups=kwargs.get("groups"), exclusive=kwargs.get("exclusive"))
+    kinds = tile_kinds(layout, bm, bn)
+    assert all(v > 0 for v in kinds.values()), kinds  # every loop body runs
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=0.1)
+    got = evaluate("triton:split_loops", feats, labels, kwargs, upstream, dtype=torch.float32,
+                   temperature=0.1, config=split_config(tma=tma, block_m=bm, block_n=bn))
+    assert_matches(got[0], ref[0], what="loss", **loss_tol(0.1))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(0.1, feats))
+    if w:
+        assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(0.1))
+
+
+@needs_triton
+def test_split_kernels_deterministic_and_block_order():
+    """Bitwise equal results over two runs, and the same bits whatever order the row blocks are
+    launched in (each program writes only its own rows)."""
+    from kernels import triton_infonce as ti
+
+    feats, labels, kwargs, upstream = make_inputs(150, 16, 3, seed=44, groups=True, exclusive=True,
+                                                  weight=True, clustered=True)
+    runs = [evaluate("triton:split_loops", feats, labels, kwargs, upstream, dtype=torch.float32,
+                     temperature=0.1) for _ in range(2)]
+    real = ti.split_row_blocks
+    try:
+        ti.split_row_blocks = lambda layout, bm: tuple(x.flip(0) for x in real(layout, bm))
+        runs.append(evaluate("triton:split_loops", feats, labels, kwargs, upstream,
+                             dtype=torch.float32, temperature=0.1))
+    finally:
+        ti.split_row_blocks = real
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+def test_split_row_blocks_classify_and_order():
+    from kernels.triton_infonce import split_row_blocks
+
+    # Classes of 40, 5 and 30 rows in group 0, then 25 rows of one class in group 1.
+    labels = torch.tensor([0] * 40 + [1] * 5 + [2] * 30 + [0] * 25)
+    groups = torch.tensor([0] * 75 + [1] * 25)
+    layout = sort_pixels(labels, groups=groups)
+    uniform, general = split_row_blocks(layout, 16)
+    # Blocks of 16 rows: [0,16) [16,32) uniform (class 0); [32,48) straddles 0|1|2; [48,64)
+    # uniform (class 2); [64,80) straddles class 2 | group 1; [80,96) [96,100) uniform (group 1).
+    assert sorted(uniform.tolist()) == [0, 1, 3, 5, 6] and sorted(general.tolist()) == [2, 4]
+    assert uniform.dtype == general.dtype == torch.int32
+    assert uniform.tolist()[:3] == [0, 1, 3]  # widest column range (group 0: 75) first
+
+
+@needs_triton
+def test_split_falls_back_to_the_resident_kernels_when_refused(monkeypatch):
+    """A device that refuses the split kernels' shared memory runs the kernels the rest of the
+    config describes, with a warning, and gets their result."""
+    from triton.runtime.errors import OutOfResources
+
+    from kernels import triton_infonce as ti
+
+    feats, labels, kwargs, upstream = make_inputs(120, 24, 3, seed=45, weight=True)
+    layout = sort_pixels(labels)
+    f, u = feats[layout.index].float(), kwargs["pos_weight"][layout.index].float()
+    g = upstream[layout.index].float()
+
+    def run(config):
+        f1, u1 = f.clone().requires_grad_(), u.clone().requires_grad_()
+        loss = ti.triton_pixel_infonce(f1, layout, inv_tau=10.0, pos_weight=u1, config=config)
+        (loss * g).sum().backward()
+        return loss.detach(), f1.grad, u1.grad
+
+    base = ti.TritonConfig(block_m=32, block_n=16, block_d=128)
+    want = run(base)
+    monkeypatch.setattr(ti, "_FALLBACKS", {})
+
+    def refuse(*args, **kwargs):
+        raise OutOfResources(229376, 101376, "shared memory")
+
+    class Refused:
+        def __getitem__(self, grid):
+            return refuse
+
+    monkeypatch.setattr(ti, "_split_fwd_kernel", Refused())
+    monkeypatch.setattr(ti, "_split_bwd_kernel", Refused())
+    launch = ti.SplitLaunch(block_m=16, block_n=16)
+    with pytest.warns(RuntimeWarning, match="out of resource: shared memory") as caught:
+        got = run(dataclasses.replace(base, split_forward=launch, split_backward=launch))
+    assert len(caught) == 2
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+@needs_triton
+def test_split_presets_resolve():
+    """The split presets use the split kernels for 16-bit inputs at C <= 512 (TMA where rows are
+    16-byte multiples), "resident" beyond (C = 768) and the streamed launch for float32."""
+    from kernels.triton_infonce import TritonConfig, variant_config
+
+    for name in ("split", "split_tma", "split_m32"):
+        assert variant_config(name, torch.float32) == TritonConfig()
+        cfg = variant_config(name, torch.bfloat16).resolved(512, torch.bfloat16)
+        assert cfg.split_forward is not None and cfg.split_backward is not None
+        assert cfg.split_forward.tma == cfg.split_backward.tma == (name == "split_tma")
+        wide = variant_config(name, torch.bfloat16).resolved(768, torch.bfloat16)
+        assert wide.split_forward is None and wide.split_backward is None and wide.resident_rows is False
+        assert wide == variant_config("resident", torch.bfloat16).resolved(768, torch.bfloat16)
+    odd = variant_config("split_tma", torch.float16).resolved(100, torch.float16)  # 200 B rows
+    assert odd.split_forward is not None and not odd.split_forward.tma
+    hopper = variant_config("split", torch.bfloat16).resolved(512, torch.bfloat16)
+    assert (hopper.split_forward.block_m, hopper.split_forward.block_n) == (128, 32)
+    assert (hopper.split_backward.block_m, hopper.split_backward.block_n) == (64, 64)
+    # A launch whose tiles cannot fit any GPU's shared memory is not split.
+    from kernels.triton_infonce import SplitLaunch
+
+    big = TritonConfig(split_forward=SplitLaunch(block_m=128, block_n=64, num_stages=3))
+    assert big.resolved(512, torch.bfloat16).split_forward is None
+    with pytest.raises(ValueError, match="split_backward.block_n"):
+        TritonConfig(split_backward=SplitLaunch(block_n=24)).resolved(64, torch.float32)
+    with pytest.raises(TypeError, match="split_forward must be None or a SplitLaunch"):
+        TritonConfig(split_forward=(64, 64)).resolved(64, torch.float32)
+
+
+def test_earlier_preset_names_map_or_fail_clearly():
+    """Names stored in configs and checkpoints by earlier versions: a renamed preset maps to its
+    new name with one warning, a removed one fails naming its replacement."""
+    pytest.importorskip("triton")
+    from kernels import triton_infonce as ti
+
+    ti._WARNED_RENAMES.discard("bf16prod")
+    with pytest.warns(FutureWarning, match="'bf16prod' is now called 'streamed'"):
+        assert ti.resolve_variant("bf16prod") == "streamed"
+    assert ti.variant_config("bf16prod", torch.bfloat16) == ti.variant_config("streamed",
+                                                                              torch.bfloat16)
+    for old, new in (("v1", "streamed"), ("fulld", "resident"), ("wide", "resident"),
+                     ("resident_d256", "split_m32"), ("resident_m32", "split_m32")):
+        with pytest.raises(ValueError, match=rf"preset '{old}' was removed .*; use '{new}'"):
+            ti.variant_config(old, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"unknown variant 'fastest'; known: \['resident'"):
+        ti.resolve_variant("fastest")
+
+
+def test_earlier_preset_name_in_a_stored_config():
+    """cl.triton_variant of a config written by an earlier version: 'bf16prod' still loads (and
+    runs 'streamed'), 'wide' is refused with the replacement named."""
+    pytest.importorskip("triton")
+    from cluda.config import ConfigError
+    from cluda.experiment import load_experiment
+
+    cfg = load_experiment(None, ["--cl.triton_variant=bf16prod"])
+    assert cfg.cl.triton_variant == "bf16prod"
+    with pytest.raises(ConfigError, match=r"cl\.triton_variant .*'wide' was removed.*use 'resident'"):
+        load_experiment(None, ["--cl.triton_variant=wide"])
+
+
+# ---- small temperatures -------------------------------------------------------------------------
+#
+# Every path works with e = exp(s - 1/tau) = exp((cos - 1) / tau), which float32 represents down to
+# exp(-87.3) (FLT_MIN; a GPU's exp flushes what lies below). A pair whose (1 - cos) / tau exceeds
+# ~87 therefore has e = 0 in float32: at tau >= 2 / 87.3 (about 0.023) no pair of unit vectors does,
+# for post-ReLU features (cos >= 0) at tau >= 1 / 87.3 (about 0.0115). Below that the results stay
+# finite, and they still match the float64 reference where the pairs that matter are representable.
+
+
+def concentrated_inputs(n, c, k, tau, *, seed, reach=40.0, far=0):
+    """Inputs whose pairs all lie within (1 - cos) / tau <= ~reach of each other (float32 represents
+    every e), plus `far` pixels pointing the other way ((1 - cos) / tau ~ 2 / tau: e underflows) that
+    are anchors with positives but get no upstream gradient. Groups, exclusive and weights on.
+
+    Returns feats (float64), labels, kwargs, upstream (0 on the far pixels), the far mask and the
+    largest (1 - cos) / tau among the other pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=gen)
+    d = torch.randn(c, generator=gen, dtype=torch.float64)
+    d /= d.norm()
+    centres = torch.randn(k, c, generator=gen, dtype=torch.float64)
+    x = centres[labels] + 0.5 * torch.randn(n, c, generator=gen, dtype=torch.float64)
+    x -= (x @ d)[:, None] * d[None, :]  # tangent to the sphere at d
+
+    def spread(scale):
+        v = torch.nn.functional.normalize(d[None, :] + scale * x, dim=1)
+        return ((1 - v @ v.t()) / tau).max().item()
+
+    scale = math.sqrt(tau)
+    for _ in range(3):  # 1 - cos grows about quadratically with the scale
+        scale *= math.sqrt(reach / spread(scale))
+    widest = spread(scale)
+    norms = 0.5 + 1.5 * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    feats = (d[None, :] + scale * x) * norms
+    is_far = torch.zeros(n, dtype=torch.bool)
+    is_far[torch.randperm(n, generator=gen)[:far]] = True
+    # Away from d and from each other: (1 - cos) / tau >= ~0.8 / tau for every pair of theirs.
+    feats[is_far] = -0.5 * d[None, :] + torch.randn(far, c, generator=gen, dtype=torch.float64)
+    labels[torch.rand(n, generator=gen) < 0.05] = 255
+    labels[is_far] = labels[~is_far][: far]  # classes of the near pixels: the far ones have positives
+    kwargs = dict(groups=torch.randint(0, 2, (n,), generator=gen),
+                  exclusive=torch.rand(n, generator=gen) < 0.3,
+                  pos_weight=torch.rand(n, generator=gen, dtype=torch.float64) + 0.1)
+    upstream = torch.randn(n, generator=gen, dtype=torch.float64)
+    upstream[is_far] = 0.0
+    return feats, labels, kwargs, upstream, is_far, widest
+
+
+@pytest.mark.parametrize("tau", [0.005, 0.002, 0.001])
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("torch", "triton")])
+def test_small_temperature_matches_reference(impl, tau):
+    """tau far below the range where every pair is representable, on pixels that are: values and
+    gradients match the float64 reference. The far pixels' own pairs underflow (their e and the
+    denominators of their own loss are 0 in float32); with no upstream gradient on them, the
+    reference's gradient does not depend on them either, and before the fix their denominators
+    (clamped at FLT_MIN) made R' overflow and every gradient NaN (0 * inf)."""
+    feats, labels, kwargs, upstream, is_far, widest = concentrated_inputs(
+        150, 16, 5, tau, seed=int(1 / tau), far=4)
+    v = torch.nn.functional.normalize(feats, dim=1)
+    far_reach = ((1 - v[is_far] @ v.t()) / tau).masked_fill(torch.eye(150)[is_far].bool(), 1e9)
+    assert 20 < widest < 80 and far_reach.min() > 110  # near pixels representable, far ones not
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    for x in got:
+        assert torch.isfinite(x).all()
+    assert_matches(got[0][~is_far], ref[0][~is_far], what="loss", **loss_tol(tau))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+    assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    assert ref[1].abs().max() > 1e-3 / tau and ref[0][~is_far].abs().max() > 0.1  # not trivial
+
+
+def simplex_inputs(num_groups, c, *, seed):
+    """Groups of three pixels at 120 degrees from each other (cos = -1/2 for every pair), labels
+    (0, 0, 1): each anchor's every partner is at (1 - cos) / tau = 1.5 / tau, so every e is
+    exp(-1.5 / tau) and an anchor's loss is u_p log(2) whatever tau (one positive p and one negative
+    of equal similarity)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(num_groups, c, 2, generator=gen, dtype=torch.float64))[0]
+    angles = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], dtype=torch.float64)
+    plane = torch.stack([angles.cos(), angles.sin()], 1)  # (3, 2)
+    feats = torch.einsum("kd,gcd->gkc", plane, basis).reshape(-1, c)
+    feats = feats * (0.5 + torch.rand(feats.shape[0], 1, generator=gen, dtype=torch.float64))
+    labels = torch.tensor([0, 0, 1]).repeat(num_groups)
+    groups = torch.arange(num_groups).repeat_interleave(3)
+    weights = torch.rand(feats.shape[0], generator=gen, dtype=torch.float64) + 0.1
+    upstream = torch.randn(feats.shape[0], generator=gen, dtype=torch.float64)
+    return feats, labels, dict(groups=groups, pos_weight=weights), upstream
+
+
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("torch", "triton")])
+def test_temperature_bound_edge_of_float32(impl):
+    """Every e at the edge of float32's normal range: (1 - cos) / tau = 85 (e = 1.2e-37, FLT_MIN is
+    1.18e-38) still matches the float64 reference. At 110 every e underflows to 0: each anchor's
+    loss becomes u_p (log(FLT_MIN) - t_ip) = u_p (110 - 87.3) (the denominators' clamp, as in the
+    float32 reference) instead of u_p log(2), and the gradient is 0; both stay finite."""
+    feats, labels, kwargs, upstream = simplex_inputs(20, 12, seed=79)
+    tau = 1.5 / 85
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    anchors = labels == 0
+    u_partner = kwargs["pos_weight"].view(-1, 3)[:, [1, 0]].reshape(-1)  # (40,) u_p of each anchor
+    torch.testing.assert_close(ref[0][anchors], u_partner * math.log(2))
+    assert_matches(got[0], ref[0], what="loss", **loss_tol(tau))
+    assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+    assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    assert ref[1].abs().max() > 1.0
+
+    tau = 1.5 / 110
+    got = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32, temperature=tau)
+    clamped = u_partner * (110 + math.log(torch.finfo(torch.float32).tiny))
+    torch.testing.assert_close(got[0][anchors].double(), clamped, rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
+    assert not got[1].any()
+
+
+@pytest.mark.parametrize("tau", [0.01, 0.001, 1e-5])
+@pytest.mark.parametrize("impl", [_impl_param(impl) for impl in ("reference", "torch", "triton")])
+def test_tiny_temperature_stays_finite(impl, tau):
+    """Isotropic features far below the bound: most pairs underflow, whole anchors have all their
+    denominators at 0. Loss and both gradients stay finite (the loss of such an anchor is not the
+    float64 value: log(FLT_MIN) - t_ip, as in the float32 reference)."""
+    feats, labels, kwargs, upstream = make_inputs(90, 8, 3, seed=78, groups=True, exclusive=True,
+                                                  weight=True)
+    loss, grad, grad_u = evaluate(impl, feats, labels, kwargs, upstream, dtype=torch.float32,
+                                  temperature=tau)
+    for x in (loss, grad, grad_u):
+        assert torch.isfinite(x).all()
+    assert (loss != 0).any()
 
 
 # ---- edge cases -------------------------------------------------------------------------------

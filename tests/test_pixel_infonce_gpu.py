@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernels import pixel_infonce
-from test_pixel_infonce import evaluate, grad_tol, loss_tol, make_inputs, assert_matches
+from test_pixel_infonce import (assert_matches, concentrated_inputs, evaluate, grad_tol, loss_tol,
+                                make_inputs)
 
 pytestmark = pytest.mark.gpu
 
@@ -72,14 +73,16 @@ def test_triton_large_n_against_tiled_torch(dtype):
 
 
 @pytest.mark.parametrize("variant, dtype", [
-    ("bf16prod", torch.bfloat16), ("fulld", torch.bfloat16), ("resident", torch.bfloat16),
-    ("wide", torch.bfloat16), ("resident", torch.float16)])
+    ("streamed", torch.bfloat16), ("resident", torch.bfloat16), ("split", torch.bfloat16),
+    ("split_tma", torch.bfloat16), ("split_m32", torch.bfloat16), ("resident", torch.float16),
+    ("split", torch.float16)])
 def test_triton_variants_match_reference_on_gpu(variant, dtype):
-    """C = 512: "resident" keeps 64 x 512 rows on chip, "fulld" / "resident" own all 512 gradient
-    channels per backward program, every variant takes bfloat16 operands for H @ V with bfloat16
-    inputs (float16 keeps TF32). The bound is HALF_TOL, as for v1: the bfloat16 product rounds H
-    to the inputs' own 8-bit mantissa (about 4e-3 relative in the gradient, measured with float16
-    inputs under the interpreter)."""
+    """C = 512: "resident" keeps 64 x 512 rows on chip in forward and owns all 512 gradient
+    channels per backward program, the split presets run the split-loop kernels (rows on chip in
+    both passes; "split_tma" loads the column tiles by TMA), every preset takes bfloat16 operands
+    for H @ V with bfloat16 inputs (float16 keeps TF32). The bound is HALF_TOL: the bfloat16
+    product rounds H to the inputs' own 8-bit mantissa (about 4e-3 relative in the gradient,
+    measured with float16 inputs under the interpreter)."""
     inputs = _to_cuda(*make_inputs(2500, 512, 19, seed=37, groups=True, exclusive=True,
                                    weight=True, clustered=True))
     feats, labels, kwargs, upstream = inputs
@@ -137,3 +140,29 @@ def test_default_preset_launches_without_fallback_where_it_fits():
                    dtype=torch.float32, temperature=0.1)
     for name, a, b in zip(("loss", "feats grad", "pos_weight grad"), got, ref):
         assert _rel(a, b) < HALF_TOL[torch.bfloat16], f"{name}: relative error {_rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])
+def test_triton_small_temperature_on_gpu(dtype):
+    """tau = 0.002 (the CPU test's inputs, larger): pixels whose pairs are representable match the
+    float64 reference, far pixels (every e of theirs underflows; no upstream gradient) leave every
+    gradient finite. A GPU's exp flushes what the CPU keeps as denormals."""
+    tau = 0.002
+    feats, labels, kwargs, upstream, is_far, _ = concentrated_inputs(3001, 64, 19, tau, seed=41,
+                                                                     far=40)
+    feats, labels, kwargs, upstream = _to_cuda(feats.to(dtype).double(), labels, kwargs, upstream)
+    is_far = is_far.cuda()
+    ref = evaluate("reference", feats, labels, kwargs, upstream, dtype=torch.float64, temperature=tau)
+    got = evaluate("triton", feats, labels, kwargs, upstream, dtype=dtype, temperature=tau)
+    for x in got:
+        assert torch.isfinite(x).all()
+    pairs = (("loss", got[0][~is_far], ref[0][~is_far]), ("feats grad", got[1], ref[1]),
+             ("pos_weight grad", got[2], ref[2]))
+    if dtype == torch.float32:
+        assert_matches(pairs[0][1], pairs[0][2], what="loss", **loss_tol(tau))
+        assert_matches(got[1], ref[1], what="feats grad", **grad_tol(tau, feats))
+        assert_matches(got[2], ref[2], what="pos_weight grad", **grad_tol(tau))
+    else:
+        for name, a, b in pairs:
+            assert _rel(a, b) < HALF_TOL[dtype], f"{dtype} {name}: relative error {_rel(a, b):.3g}"
