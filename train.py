@@ -19,7 +19,6 @@ path) and the step's generator are seeded from (seed, it, rank) at every iterati
 resumed from `latest.pt` computes the same weights as one that was never stopped.
 """
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -35,14 +34,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cluda.evaluate as evaluate_cli
 from cluda import runs
-from cluda.config import ConfigError, save_yaml, to_dict
+from cluda.config import ConfigError, save_yaml, split_overrides, to_dict
 from cluda.errors import EXIT_STATUS_HELP, NonFiniteError, OutputError, run_cli
-from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
-from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
-                              build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
-                              load_experiment, load_model_from_checkpoint, load_state_checked,
-                              make_predict_fn, output_dir, resolve_device, save_checkpoint)
+from cluda.evaluate import evaluate_model, format_table, write_metrics
+from cluda.experiment import (Config, autocast, backend_settings, build_model, build_train_dataset,
+                              build_uda_step, build_val_dataset, config_from_checkpoint, encoder_of,
+                              load_checkpoint, load_experiment, load_state_checked, output_dir,
+                              resolve_device, save_checkpoint, setup_distributed)
 from cluda.fileio import atomic_open
 from cluda.inference_memory import MemoryCheck
 from cluda.models import build_imnet_encoder
@@ -55,16 +55,6 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 # ----------------------------------------------------------------------------------------------
 # Small pieces: distributed setup, learning-rate schedule, batches, logs
 # ----------------------------------------------------------------------------------------------
-
-def setup_distributed():
-    """(rank, world size, local rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
 
 class WarmupPoly:
     """mmcv's schedule as an lr multiplier: poly decay (1 - it / max_iters) ** power from 1 to
@@ -214,14 +204,6 @@ def open_tensorboard(out_dir: str, enabled: bool):
 # One training step and the evaluation
 # ----------------------------------------------------------------------------------------------
 
-def autocast(cfg: Config, device: torch.device):
-    """bfloat16 autocast on CUDA when `train.amp` (the paper's mixed precision); full precision
-    on the CPU, where bfloat16 matmuls are slower than float32 ones."""
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def check_amp(cfg: Config, device: torch.device) -> None:
     """`train.amp` trains in bfloat16, which needs compute capability 8.0 or newer (A100, RTX 30
     and later): older GPUs emulate it slowly and the Triton kernels cannot compile it for them."""
@@ -302,30 +284,6 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     return logs
 
 
-def evaluate_model(model: torch.nn.Module, val_data, cfg: Config, device: torch.device, *,
-                   rank: int = 0, world: int = 1, progress: bool = True) -> Dict[int, Dict]:
-    """mIoU and per-class IoU on the validation set for every protocol of `eval.protocols`.
-    With several processes each evaluates every world-th image and the confusion matrices are
-    summed."""
-    if world > 1:
-        val_data = torch.utils.data.Subset(val_data, range(rank, len(val_data), world))
-    loader = torch.utils.data.DataLoader(val_data, batch_size=cfg.eval.batch_size,
-                                         num_workers=cfg.eval.workers,
-                                         generator=torch.Generator())  # leaves the global RNG alone
-    was_training = model.training
-    model.eval()
-    with autocast(cfg, device):
-        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
-                          protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
-                          device=device, progress=progress and rank == 0,
-                          memory_check=MemoryCheck(model, cfg, device))
-    model.train(was_training)
-    matrix = result["matrix"]
-    if world > 1:
-        dist.all_reduce(matrix)
-    return {p: compute_metrics(matrix, protocol=p) for p in cfg.eval.protocols}
-
-
 def eval_row(metrics: Dict[int, Dict]) -> Dict[str, float]:
     row = {}
     for p, m in metrics.items():
@@ -359,27 +317,6 @@ def checkpoint(path: str, *, cfg: Config, it_next: int, student, teacher, optimi
         "teacher": None if teacher is None else teacher.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": rng_states(), "best": best, "evaluated": evaluated})
-
-
-@contextlib.contextmanager
-def backend_settings(cfg: Config):
-    """`experiment.deterministic` for the duration of a run: cuDNN autotuning by default, or
-    deterministic cuDNN and torch algorithms (warning where torch has none). The previous
-    settings are restored on exit."""
-    cudnn = torch.backends.cudnn
-    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled())
-    if cfg.experiment.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-        cudnn.benchmark, cudnn.deterministic = False, True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
-        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
 
 
 def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None,
@@ -561,7 +498,7 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
 
     def run_evaluation(done: int) -> Dict[int, Dict]:
         nonlocal best
-        result = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
+        result = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)["metrics"]
         value = result[cfg.eval.protocols[0]]["mIoU"]
         if main_proc:
             if value > best["value"]:
@@ -666,26 +603,6 @@ def _class_names(cfg: Config) -> List[str]:
     return [CLASS_NAMES[c] for c in sorted(PROTOCOLS[cfg.eval.protocols[0]])]
 
 
-def eval_only(checkpoint_path: str, cfg: Optional[Config], overrides: Sequence[str]) -> Dict[int, Dict]:
-    """Evaluate a checkpoint's student on the validation set of its stored config (or of `cfg`),
-    print the tables and write `eval_<checkpoint>.{md,csv}` next to the checkpoint."""
-    model, cfg = load_model_from_checkpoint(checkpoint_path, cfg if cfg is not None else overrides)
-    rank, world, local_rank = setup_distributed()
-    device = resolve_device(cfg, local_rank)
-    model.to(device)
-    with backend_settings(cfg):
-        metrics = evaluate_model(model, build_val_dataset(cfg), cfg, device, rank=rank, world=world)
-    if rank == 0:
-        stem = "eval_" + os.path.splitext(os.path.basename(checkpoint_path))[0]
-        folder = os.path.dirname(os.path.abspath(checkpoint_path))
-        for p, m in metrics.items():
-            print(f"{p}-class protocol:\n{format_table(m)}")
-            write_metrics(m, folder, stem if len(metrics) == 1 else f"{stem}_{p}")
-        p = cfg.eval.protocols[0]
-        print(f"target mIoU ({p} classes): {100 * metrics[p]['mIoU']:.2f}")
-    return metrics
-
-
 def parse_args(argv: Optional[Sequence[str]]):
     parser = argparse.ArgumentParser(
         description="CLUDA / DAFormer / HRDA training. Unknown --section.key=value arguments "
@@ -710,10 +627,12 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="with --resume: accept config changes beyond run control (devices, "
                              "intervals, evaluation, train.max_iters); they apply from the resumed "
                              "iteration and the previous config is kept as config.until_<N>.yaml")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: overrides are --section.key=value")
+    # The overrides are taken out first: argparse would read one that holds a space
+    # ("--eval.stride=[256, 256]") as the positional CONFIG.
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(rest)
+    if extra:
+        parser.error(f"unrecognised arguments {extra}: overrides are --section.key=value")
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
     return args, overrides
@@ -722,9 +641,8 @@ def parse_args(argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args, overrides = parse_args(argv)
     t0 = time.time()
-    if args.eval_only is not None:
-        cfg = load_experiment(args.config, overrides) if args.config else None
-        return {"metrics": eval_only(args.eval_only, cfg, overrides)}
+    if args.eval_only is not None:  # the same command as python -m cluda.evaluate
+        return evaluate_cli.run(args.eval_only, config=args.config, overrides=overrides)
     cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
     if args.allow_changes and args.resume is None:
         raise ConfigError("--allow-changes applies to a resume: add --resume")

@@ -10,6 +10,7 @@ knows how to fill any tree of dataclasses.
 import ast
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -18,8 +19,8 @@ import yaml
 from cluda.errors import UserError
 from cluda.fileio import atomic_open
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "parse_overrides",
-           "apply_overrides", "save_yaml"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "load_config", "split_overrides",
+           "parse_overrides", "apply_overrides", "save_yaml"]
 
 
 class ConfigError(UserError, ValueError):
@@ -122,6 +123,19 @@ def _join(where: str, key: str) -> str:
 def to_dict(cfg) -> Dict[str, Any]:
     """Dataclass tree -> plain nested dict (YAML / checkpoint friendly)."""
     return dataclasses.asdict(cfg)
+
+
+_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
+
+
+def split_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(the other arguments, the `--section.key=value` overrides), each in order.
+
+    Every command line takes its overrides out before argparse sees the rest: argparse reads an
+    argument that starts with "-" and holds a space (`--eval.stride=[256, 256]`) as a positional
+    one, e.g. as the config path."""
+    overrides = [a for a in argv if _OVERRIDE.match(a)]
+    return [a for a in argv if not _OVERRIDE.match(a)], overrides
 
 
 def parse_overrides(args: Sequence[str]) -> Dict[str, Any]:

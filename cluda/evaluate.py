@@ -35,30 +35,30 @@ Command line (`main`, see `--help`):
         [--weights student|teacher] [--protocols 19 16 13] [--flip] [--scales 0.75 1.0 1.25]
         [--mode whole|slide] [--out DIR] [--device cpu|cuda] [--section.key=value ...]
 
-rebuilds the network from the checkpoint (`load_inference_model`, also used by
-`cluda.predict`), evaluates it on the target validation split (`evaluate_checkpoint`), prints
-the per-class tables and writes them as Markdown, CSV and JSON, all rendered before the first
-file is written and each written atomically. Bad input (missing / truncated checkpoint, config
-that does not fit the weights, unknown override key) ends with a one-line message and exit
-status 2 (`InputError`).
+rebuilds the network from the checkpoint (`cluda.experiment.load_model_from_checkpoint`, also
+used by `cluda.predict`), evaluates it on the target validation split (`evaluate_checkpoint`,
+through `evaluate_model` as training's evaluations), prints the per-class tables and writes
+them as Markdown, CSV and JSON, all rendered before the first file is written and each written
+atomically (`run`; `train.py --eval-only CKPT` is the same command). Bad input (missing /
+truncated checkpoint, config that does not fit the weights, unknown override key) ends with a
+one-line message and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
-import dataclasses
 import io
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -67,16 +67,16 @@ from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
 from cluda.errors import EXIT_STATUS_HELP, UserError, run_cli
 from cluda.inference_memory import MemoryCheck
 from cluda.fileio import atomic_write, atomic_write_files
-from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
-                              config_to_dict, load_checkpoint, load_experiment,
-                              load_state_checked, make_predict_fn, resolve_device)
+from cluda.config import split_overrides
+from cluda.experiment import (Config, autocast, backend_settings, build_val_dataset,
+                              config_to_dict, load_model_from_checkpoint, make_predict_fn,
+                              resolve_device, setup_distributed)
 
 __all__ = [
     "ConfusionMatrix", "compute_metrics", "format_table", "write_metrics", "predict_probs",
     "evaluate", "atomic_write", "atomic_write_files", "render_metrics", "InputError",
-    "load_inference_model", "model_config_differences", "note_model_differences",
-    "inference_device", "inference_context", "evaluate_checkpoint",
-    "render_evaluation", "main",
+    "note_model_differences", "evaluate_model", "evaluate_checkpoint", "evaluation_stem",
+    "render_evaluation", "run", "main",
 ]
 
 
@@ -513,7 +513,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
 
 
 # --------------------------------------------------------------------------------------------
-# Checkpoints for inference (shared with `cluda.predict`)
+# A model on its validation set, and a checkpoint (shared with train.py and `cluda.predict`)
 # --------------------------------------------------------------------------------------------
 
 class InputError(UserError):
@@ -538,98 +538,6 @@ def input_errors() -> Iterator[None]:
         raise InputError(" ".join(str(err).split())) from err  # one line
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def model_config_differences(stored: Mapping[str, Any], cfg: Config) -> list[str]:
-    """Where the `model` section of `cfg` differs from a checkpoint's stored config.
-
-    Args:
-        stored: the checkpoint's "config" entry (a plain nested dict; keys it lacks count as the
-            schema's defaults).
-        cfg: the config the network is about to be built from.
-
-    Returns:
-        One "model.key: <value> here, <value> in the checkpoint" string per differing key,
-        `model.pretrained` left out (the weights come from the checkpoint anyway).
-    """
-    used = _flatten(config_to_dict(cfg)["model"], "model")
-    defaults = _flatten(config_to_dict(Config())["model"], "model")
-    raw = stored.get("model") if isinstance(stored, Mapping) else None
-    have = _flatten(raw, "model") if isinstance(raw, Mapping) else {}
-    diffs = []
-    for key, value in used.items():
-        old = have.get(key, defaults.get(key))
-        if key != "model.pretrained" and old != value:
-            diffs.append(f"{key}: {value!r} here, {old!r} in the checkpoint")
-    return diffs
-
-
-def load_inference_model(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                         overrides: Sequence[str] = (), weights: str = "student"
-                         ) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """Rebuild a trained network from a `train.py` checkpoint, reading the file once.
-
-    The network is built from the checkpoint's stored config, or from the YAML file `config`
-    when given (e.g. other data paths on this machine); `--section.key=value` overrides apply
-    to either. The weights must fit the network exactly (`load_state_checked`); when they do
-    not and the model section in use differs from the stored one, the error names those keys.
-
-    Args:
-        checkpoint: a `latest.pt` / `best.pt` written by `train.py`.
-        config: a YAML experiment used instead of the stored config, or None.
-        overrides: `--section.key=value` strings.
-        weights: "student" (what DAFormer / HRDA evaluate) or "teacher" (the EMA network).
-
-    Returns:
-        (network in eval mode on the CPU, its Config, info) with info = {"checkpoint": path,
-        "iteration": int (-1 if not stored), "weights": str, "model_differences": list of
-        model keys that differ from the stored config but do not change the weights' shapes
-        (e.g. `model.hrda.hr_slide_size`)}.
-
-    Raises:
-        InputError: missing / truncated / foreign checkpoint, bad config or override, no such
-            weights in the file, weights that do not fit the network.
-    """
-    path = os.fspath(checkpoint)
-    if weights not in ("student", "teacher"):
-        raise InputError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    with input_errors():
-        state = load_checkpoint(path, map_location="cpu")
-        if config is not None:
-            cfg = load_experiment(os.fspath(config), list(overrides))
-        else:
-            cfg = config_from_checkpoint(state, path=path, overrides=tuple(overrides))
-        if state.get(weights) is None:
-            hint = " (a source-only run has no teacher; use the student)" \
-                if weights == "teacher" else ""
-            raise ValueError(f"checkpoint {path} holds no {weights} weights{hint}")
-        diffs = model_config_differences(state["config"], cfg)
-        # The weights come from the checkpoint: never read an ImageNet file for the encoder.
-        model = build_model(dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
-        try:
-            load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
-        except ValueError as err:
-            if not diffs:
-                raise
-            where = f"config {config} differs" if config is not None else "the overrides differ"
-            raise ValueError(f"{err}; {where} from the checkpoint's stored config in "
-                             + "; ".join(diffs)) from err
-    iteration = state.get("iteration")
-    info = {"checkpoint": path, "iteration": int(iteration) if iteration is not None else -1,
-            "weights": weights, "model_differences": diffs}
-    return model.eval(), cfg, info
-
-
 def note_model_differences(diffs: Sequence[str]) -> None:
     """Tell the user (stderr) that the network was built with model settings other than the
     stored ones: the weights fit, but inference may differ (e.g. HRDA's HR window size)."""
@@ -638,66 +546,77 @@ def note_model_differences(diffs: Sequence[str]) -> None:
               "fit): " + "; ".join(diffs), file=sys.stderr)
 
 
-def inference_device(cfg: Config) -> torch.device:
-    """`experiment.device` as a torch device; InputError if CUDA is asked for and absent."""
-    try:
-        return resolve_device(cfg)
-    except ValueError as err:  # ConfigError
-        raise InputError(str(err)) from err
+def evaluate_model(model: nn.Module, val_data, cfg: Config, device: torch.device, *,
+                   rank: int = 0, world: int = 1, progress: bool = True) -> dict[str, Any]:
+    """mIoU and per-class IoU of `model` on a validation set, for every protocol of
+    `eval.protocols`, with the config's inference mode, test-time augmentation and autocast:
+    training's evaluations, `train.py --eval-only` and `python -m cluda.evaluate` all run this.
+    With several processes each evaluates every world-th image and the confusion matrices are
+    summed.
+
+    Returns:
+        `evaluate`'s dict: {"metrics": {protocol: metrics dict}, "matrix", "num_images"}.
+    """
+    if world > 1:
+        val_data = torch.utils.data.Subset(val_data, range(rank, len(val_data), world))
+    loader = torch.utils.data.DataLoader(val_data, batch_size=cfg.eval.batch_size,
+                                         num_workers=cfg.eval.workers,
+                                         generator=torch.Generator())  # leaves the global RNG alone
+    was_training = model.training
+    model.eval()
+    with autocast(cfg, device):
+        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
+                          protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
+                          device=device, progress=progress and rank == 0,
+                          memory_check=MemoryCheck(model, cfg, device))
+    model.train(was_training)
+    if world > 1:
+        counts = torch.tensor([result["num_images"]], device=result["matrix"].device)
+        dist.all_reduce(result["matrix"])
+        dist.all_reduce(counts)
+        result["num_images"] = int(counts)
+        result["metrics"] = {p: compute_metrics(result["matrix"], protocol=p)
+                             for p in cfg.eval.protocols}
+    return result
 
 
-def inference_context(device: torch.device, cfg: Config) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when `train.amp` is set, as `train.py` evaluates during
-    training (so the numbers agree); nothing on the CPU."""
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluating a checkpoint, and the command line
-# --------------------------------------------------------------------------------------------
-
-def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *,
+                        config: str | os.PathLike | Config | None = None,
                         overrides: Sequence[str] = (), weights: str = "student",
                         progress: bool = True) -> dict[str, Any]:
     """mIoU and per-class IoU / accuracy of a checkpoint on its target validation split.
 
     Data set, inference mode, protocols, test-time augmentation and device come from the
-    config (see `load_inference_model`): `data.val`, `eval.*`, `experiment.device`.
+    config (see `cluda.experiment.load_model_from_checkpoint`): `data.val`, `eval.*`,
+    `experiment.device`. Under torchrun each process evaluates a share of the images.
 
     Args:
         checkpoint: a checkpoint written by `train.py`.
-        config: a YAML experiment used instead of the stored config, or None.
+        config: a YAML experiment (or a `Config`) used instead of the stored config, or None.
         overrides: `--section.key=value` strings, e.g. `--eval.mode=slide`.
         weights: "student" or "teacher".
         progress: show a tqdm bar.
 
     Returns:
-        `evaluate`'s dict ({"metrics": {protocol: metrics dict}, "matrix", "num_images"}) plus
-        "config" (the Config used), "device" (str) and the info of `load_inference_model`.
+        `evaluate_model`'s dict plus "config" (the Config used), "device" (str), "rank" and the
+        info of `load_model_from_checkpoint`.
     """
-    model, cfg, info = load_inference_model(checkpoint, config=config, overrides=overrides,
-                                            weights=weights)
-    device = inference_device(cfg)
+    model, cfg, info = load_model_from_checkpoint(checkpoint, config=config, overrides=overrides,
+                                                  weights=weights)
+    rank, world, local_rank = setup_distributed()
+    device = resolve_device(cfg, local_rank)
     v = cfg.data.val
     if v.split not in (None, "val") and v.kind in ("gta", "synthia"):
         raise InputError(f"data.val.split {v.split!r}: {v.kind} data sets have no splits")
     with input_errors():
         val = build_val_dataset(cfg)
     if len(val) == 0:
-        raise InputError(f"the validation set of data.val ({cfg.data.val.kind}, root "
-                         f"{cfg.data.val.root}, split {cfg.data.val.split or 'val'}) is empty")
-    loader = torch.utils.data.DataLoader(val, batch_size=cfg.eval.batch_size,
-                                         num_workers=cfg.eval.workers,
-                                         generator=torch.Generator())
+        raise InputError(f"the validation set of data.val ({v.kind}, root {v.root}, split "
+                         f"{v.split or 'val'}) is empty")
     model.to(device)
-    with inference_context(device, cfg):
-        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
-                          protocols=cfg.eval.protocols, flip=cfg.eval.flip,
-                          scales=cfg.eval.scales, device=device, progress=progress,
-                          memory_check=MemoryCheck(model, cfg, device))
-    result.update(info, config=cfg, device=str(device))
+    with backend_settings(cfg):
+        result = evaluate_model(model, val, cfg, device, rank=rank, world=world, progress=progress)
+    result.update(info, config=cfg, device=str(device), rank=rank)
     return result
 
 
@@ -821,18 +740,12 @@ def _eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
-
-
 def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
               *, intermixed: bool = False) -> tuple[argparse.Namespace, list[str]]:
-    """Parse `argv`. Every `--section.key=value` argument is a config override (returned as the
-    second element, in order); they are taken out before argparse sees them, since argparse
-    would read one whose value holds a space (`--eval.stride=[256, 256]`) as a positional.
-    Anything else the parser does not know is a usage error (exit status 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if _OVERRIDE.match(a)]
-    rest = [a for a in argv if not _OVERRIDE.match(a)]
+    """Parse `argv`: (the parsed flags, the `--section.key=value` config overrides in order;
+    `cluda.config.split_overrides`). Anything else the parser does not know is a usage error
+    (exit status 2)."""
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
     if intermixed:
         args, extra = parser.parse_known_intermixed_args(rest)
     else:
@@ -869,16 +782,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args, overrides = parse_cli(_eval_parser(), argv)
-    ckpt = Path(args.checkpoint)
-    out_dir = check_out_dir(args.out if args.out is not None else ckpt.parent)
-    result = evaluate_checkpoint(ckpt, config=args.config,
-                                 overrides=overrides + flag_overrides(args),
-                                 weights=args.weights, progress=not args.no_progress)
-    split = result["config"].data.val.split or "val"
-    stem = f"eval_{ckpt.stem}" + ("" if split == "val" else f"_{split}") \
-        + ("_teacher" if args.weights == "teacher" else "")
+def evaluation_stem(checkpoint: str | os.PathLike, *, split: str | None = None,
+                    weights: str = "student") -> str:
+    """`eval_<checkpoint>[_<split>][_teacher]`, the name of an evaluation's files."""
+    split = split or "val"
+    return (f"eval_{Path(checkpoint).stem}" + ("" if split == "val" else f"_{split}")
+            + ("_teacher" if weights == "teacher" else ""))
+
+
+def run(checkpoint: str | os.PathLike, *, config: str | os.PathLike | Config | None = None,
+        overrides: Sequence[str] = (), weights: str = "student",
+        out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint, print the tables and write its files (`render_evaluation`) into
+    `out_dir` (default: the checkpoint's folder): `python -m cluda.evaluate` and
+    `train.py --eval-only`. Returns `evaluate_checkpoint`'s dict."""
+    out_dir = check_out_dir(out_dir if out_dir is not None else Path(checkpoint).parent)
+    result = evaluate_checkpoint(checkpoint, config=config, overrides=overrides, weights=weights,
+                                 progress=progress)
+    if result["rank"] != 0:
+        return result
+    stem = evaluation_stem(checkpoint, split=result["config"].data.val.split, weights=weights)
     with input_errors():
         files = render_evaluation(result, stem)
     for p, m in result["metrics"].items():
@@ -889,6 +812,13 @@ def _main(argv: Sequence[str] | None) -> int:
     summary = ", ".join(f"{100 * m['mIoU']:.2f} ({p} classes)"
                         for p, m in result["metrics"].items())
     print(f"\nmIoU {summary}; wrote {', '.join(str(p) for p in written)}")
+    return result
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args, overrides = parse_cli(_eval_parser(), argv)
+    run(args.checkpoint, config=args.config, overrides=overrides + flag_overrides(args),
+        weights=args.weights, out_dir=args.out, progress=not args.no_progress)
     return 0
 
 

@@ -22,6 +22,7 @@ stored in the file).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,7 +43,8 @@ __all__ = [
     "CHECKPOINT_FORMAT", "load_experiment", "validate", "output_dir", "resolve_device",
     "build_model", "build_dataset", "build_train_dataset", "build_val_dataset", "build_uda_step",
     "make_predict_fn", "encoder_of", "save_checkpoint", "load_checkpoint", "load_model_from_checkpoint",
-    "config_from_checkpoint", "config_to_dict", "load_state_checked",
+    "model_config_differences", "config_from_checkpoint", "config_to_dict", "load_state_checked",
+    "autocast", "backend_settings", "setup_distributed",
 ]
 
 CHECKPOINT_FORMAT = "cluda-checkpoint-v1"
@@ -827,39 +829,134 @@ def load_state_checked(model: nn.Module, state_dict: Dict[str, torch.Tensor], *,
     model.load_state_dict(state_dict)
 
 
-def load_model_from_checkpoint(path: Union[str, os.PathLike],
-                               config_override: Union[None, Config, Sequence[str]] = None, *,
-                               weights: Literal["student", "teacher"] = "student",
-                               map_location="cpu") -> Tuple[nn.Module, Config]:
-    """Rebuild the network from the config stored in a checkpoint and load its weights.
+def model_config_differences(stored: Dict[str, Any], cfg: Config) -> List[str]:
+    """Where the `model` section of `cfg` differs from a checkpoint's stored config.
+
+    Args:
+        stored: the checkpoint's "config" entry (a plain nested dict; keys it lacks count as the
+            schema's defaults).
+        cfg: the config the network is about to be built from.
+
+    Returns:
+        One "model.key: <value> here, <value> in the checkpoint" string per differing key,
+        `model.pretrained` left out (the weights come from the checkpoint anyway).
+    """
+    from cluda.runs import flatten
+
+    used = flatten(to_dict(cfg)["model"], "model.")
+    defaults = flatten(to_dict(Config())["model"], "model.")
+    raw = stored.get("model") if isinstance(stored, dict) else None
+    have = flatten(raw, "model.") if isinstance(raw, dict) else {}
+    return [f"{key}: {value!r} here, {have.get(key, defaults.get(key))!r} in the checkpoint"
+            for key, value in used.items()
+            if key != "model.pretrained" and have.get(key, defaults.get(key)) != value]
+
+
+def load_model_from_checkpoint(path: Union[str, os.PathLike], *,
+                               config: Union[None, str, os.PathLike, Config] = None,
+                               overrides: Sequence[str] = (),
+                               weights: Literal["student", "teacher"] = "student"
+                               ) -> Tuple[nn.Module, Config, Dict[str, Any]]:
+    """Rebuild a trained network from a `train.py` checkpoint, reading the file once: the one
+    loader of `train.py --eval-only`, `python -m cluda.evaluate` and `python -m cluda.predict`.
+
+    The network is built from the checkpoint's stored config, or from `config` when given (a YAML
+    file, e.g. with other data paths on this machine, or a `Config`); `--section.key=value`
+    overrides apply to a stored or YAML config. The weights must fit the network exactly
+    (`load_state_checked`); when they do not and the model section in use differs from the stored
+    one, the error names those keys.
 
     Args:
         path: a `latest.pt` / `best.pt` written by `train.py`.
-        config_override: None (the stored config), a `Config` used instead of it, or a list of
-            `--section.key=value` strings applied to the stored config (e.g. another eval mode).
-        weights: "student" (the trained network, what DAFormer evaluates) or "teacher" (EMA).
-        map_location: where the tensors are loaded.
+        config: None (the stored config), a YAML experiment or a `Config` used instead of it.
+        overrides: `--section.key=value` strings (e.g. another eval mode).
+        weights: "student" (the trained network, what DAFormer / HRDA evaluate) or "teacher"
+            (the EMA network).
 
     Returns:
-        (model in eval mode, the Config it was built from).
+        (network in eval mode on the CPU, its Config, info) with info = {"checkpoint": path,
+        "iteration": int (-1 if not stored), "weights": str, "model_differences": the model keys
+        that differ from the stored config without changing the weights' shapes (e.g.
+        `model.hrda.hr_slide_size`)}.
 
     Raises:
-        FileNotFoundError / ValueError: see `load_checkpoint`; ValueError naming the mismatched
-            keys when the config builds a network the weights do not fit.
+        FileNotFoundError / CheckpointError: see `load_checkpoint`; CheckpointError also for no
+            such weights in the file or weights that do not fit the network.
+        ConfigError: a bad config file or override.
     """
     path = os.fspath(path)
-    state = load_checkpoint(path, map_location=map_location)
-    if isinstance(config_override, Config):
-        cfg = validate(config_override)
-    else:
-        cfg = config_from_checkpoint(state, path=path, overrides=tuple(config_override or ()))
     if weights not in ("student", "teacher"):
         raise ValueError(f"weights must be 'student' or 'teacher', got {weights!r}")
+    state = load_checkpoint(path, map_location="cpu")
+    if isinstance(config, Config):
+        cfg = validate(config)
+    elif config is not None:
+        cfg = load_experiment(os.fspath(config), list(overrides))
+    else:
+        cfg = config_from_checkpoint(state, path=path, overrides=tuple(overrides))
     if state.get(weights) is None:
-        raise CheckpointError(f"checkpoint {path} holds no {weights} weights")
+        hint = " (a source-only run has no teacher; use the student)" if weights == "teacher" else ""
+        raise CheckpointError(f"checkpoint {path} holds no {weights} weights{hint}")
+    diffs = model_config_differences(state["config"], cfg)
+    # The weights come from the checkpoint: never read an ImageNet file for the encoder.
     model = build_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
-    load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
-    return model.eval(), cfg
+    try:
+        load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
+    except CheckpointError as err:
+        if not diffs:
+            raise
+        where = (f"config {os.fspath(config)} differs" if isinstance(config, (str, os.PathLike))
+                 else "the config differs" if config is not None else "the overrides differ")
+        raise CheckpointError(f"{err}; {where} from the checkpoint's stored config in "
+                              + "; ".join(diffs)) from err
+    iteration = state.get("iteration")
+    info = {"checkpoint": path, "iteration": int(iteration) if iteration is not None else -1,
+            "weights": weights, "model_differences": diffs}
+    return model.eval(), cfg, info
+
+
+def setup_distributed() -> Tuple[int, int, int]:
+    """(rank, world size, local rank); initialises the process group under torchrun (NCCL on
+    GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+@contextlib.contextmanager
+def backend_settings(cfg: Config):
+    """`experiment.deterministic` for the duration of a run: cuDNN autotuning by default, or
+    deterministic cuDNN and torch algorithms (warning where torch has none). The previous
+    settings are restored on exit."""
+    cudnn = torch.backends.cudnn
+    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    if cfg.experiment.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        cudnn.benchmark, cudnn.deterministic = False, True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
+        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bfloat16 autocast on CUDA when `train.amp` (the paper's mixed precision), for training and
+    for every inference (evaluations during training, `--eval-only`, `python -m cluda.evaluate`
+    and `cluda.predict` run alike, so their numbers agree); full precision on the CPU, where
+    bfloat16 matmuls are slower than float32 ones."""
+    if device.type == "cuda" and cfg.train.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def config_to_dict(cfg: Config) -> Dict[str, Any]:

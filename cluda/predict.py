@@ -58,10 +58,9 @@ from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, TRAINID_TO_CITYSCAPES_I
 from cluda.data.transforms import denormalize, normalize, rescale_size, resize
 from cluda.errors import EXIT_STATUS_HELP, run_cli
 from cluda.evaluate import (InputError, atomic_write_files, check_out_dir, flag_overrides,
-                            inference_context, inference_device, input_errors,
-                            load_inference_model, note_model_differences, parse_cli,
-                            predict_probs)
-from cluda.experiment import build_val_dataset, make_predict_fn
+                            input_errors, note_model_differences, parse_cli, predict_probs)
+from cluda.experiment import (autocast, build_val_dataset, load_model_from_checkpoint,
+                              make_predict_fn, resolve_device)
 from cluda.inference_memory import MemoryCheck
 
 __all__ = ["read_image", "trainid_to_labelid", "overlay", "save_prediction", "comparison_figure",
@@ -397,7 +396,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         checkpoint: a checkpoint written by `train.py`.
         inputs: image files and / or folders (searched recursively).
         out_dir: output root.
-        config / overrides / weights: as `cluda.evaluate.load_inference_model`.
+        config / overrides / weights: as `cluda.experiment.load_model_from_checkpoint`.
         alpha: weight of the colours in the overlays.
         progress: show a tqdm bar.
 
@@ -405,7 +404,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
         `save_prediction`'s paths, one dict per image, in input order.
 
     Raises:
-        InputError: see `list_images`, `check_images`, `load_inference_model`; or an image the
+        InputError: see `list_images`, `check_images`, `load_model_from_checkpoint`; or an image the
             network rejects (e.g. smaller than MiT's minimum), naming it, after the images
             before it were written.
         UserError: an image whose inference would not fit in memory (`check_memory`), before
@@ -416,10 +415,10 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     out_dir = check_out_dir(out_dir)
     files = list_images(inputs)
     check_images(files)
-    model, cfg, info = load_inference_model(checkpoint, config=config, overrides=overrides,
-                                            weights=weights)
+    model, cfg, info = load_model_from_checkpoint(checkpoint, config=config, overrides=overrides,
+                                                  weights=weights)
     note_model_differences(info["model_differences"])
-    device = inference_device(cfg)
+    device = resolve_device(cfg)
     model.to(device)
     check_memory(files, MemoryCheck(model, cfg, device), scale=cfg.data.val.scale)
     predict_fn = make_predict_fn(model, cfg)
@@ -427,7 +426,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathL
     for f in tqdm(files, disable=not progress, desc="predict"):
         image = read_image(f)
         try:
-            with inference_context(device, cfg):
+            with autocast(cfg, device):
                 pred = predict_image(predict_fn, image, scale=cfg.data.val.scale,
                                      num_classes=cfg.model.num_classes, flip=cfg.eval.flip,
                                      scales=cfg.eval.scales, device=device)
@@ -462,7 +461,7 @@ def compare_checkpoints(checkpoints: Sequence[str | os.PathLike], out_path: str 
     Args:
         checkpoints: one or more checkpoints, one column each (the paper: source-only, adapted).
         out_path: the PNG to write (atomically, after every prediction is made).
-        config / overrides / weights: as `cluda.evaluate.load_inference_model`.
+        config / overrides / weights: as `cluda.experiment.load_model_from_checkpoint`.
         num: how many validation images, spread evenly over the split (ignored with `indices`).
         indices: explicit validation-set indices, one row each.
         titles: column titles of the predictions, one per checkpoint.
@@ -483,12 +482,12 @@ def compare_checkpoints(checkpoints: Sequence[str | os.PathLike], out_path: str 
         raise InputError(f"--out {out_path} is a folder; name the PNG file to write")
     if panel_width is not None and panel_width < 1:
         raise InputError(f"panel width must be a positive number of pixels, got {panel_width}")
-    loaded = [load_inference_model(c, config=config, overrides=overrides, weights=weights)
+    loaded = [load_model_from_checkpoint(c, config=config, overrides=overrides, weights=weights)
               for c in checkpoints]
     for _, _, info in loaded:
         note_model_differences(info["model_differences"])
     data_cfg = loaded[-1][1]
-    device = inference_device(data_cfg)
+    device = resolve_device(data_cfg)
     with input_errors():
         val = build_val_dataset(data_cfg)
     n = len(val)
@@ -519,7 +518,7 @@ def compare_checkpoints(checkpoints: Sequence[str | os.PathLike], out_path: str 
             rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
         row = [rgb, label.numpy()]
         for predict_fn, cfg, _ in runs:
-            with inference_context(device, cfg):
+            with autocast(cfg, device):
                 probs = predict_probs(predict_fn, img[None].to(device), out_size=(height, width),
                                       num_classes=cfg.model.num_classes, flip=cfg.eval.flip,
                                       scales=cfg.eval.scales)

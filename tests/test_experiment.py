@@ -255,18 +255,20 @@ def test_checkpoint_round_trip_and_model_rebuilt_from_its_config(tmp_path):
     assert os.listdir(tmp_path / "ck") == ["latest.pt"]  # no temporary file left behind
     state = load_checkpoint(path)
     assert state["iteration"] == 7 and state["extra"] == [1, 2.5, "x"]
-    rebuilt, cfg2 = load_model_from_checkpoint(path)
+    rebuilt, cfg2, info = load_model_from_checkpoint(path)
     assert cfg2 == cfg and not rebuilt.training
+    assert info["iteration"] == 7 and info["weights"] == "student" and not info["model_differences"]
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
     # overrides that keep the architecture are fine; ones that change it name the keys
-    _, cfg3 = load_model_from_checkpoint(path, ["--eval.mode=slide"])
+    _, cfg3, _ = load_model_from_checkpoint(path, overrides=["--eval.mode=slide"])
     assert cfg3.eval.mode == "slide"
     with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch: decoder\.fuse"):
-        load_model_from_checkpoint(path, ["--model.channels=32"])
+        load_model_from_checkpoint(path, overrides=["--model.channels=32"])
     with pytest.raises(ValueError, match=r"missing: segmentor\.encoder.*unexpected: encoder\."):
-        load_model_from_checkpoint(path, ["--model.hrda.enabled=true", "--data.crop_size=[64,64]",
-                                          "--model.hrda.hr_crop_size=[32,32]"])
+        load_model_from_checkpoint(path, overrides=["--model.hrda.enabled=true",
+                                                    "--data.crop_size=[64,64]",
+                                                    "--model.hrda.hr_crop_size=[32,32]"])
     with pytest.raises(ValueError, match="holds no teacher weights"):
         load_model_from_checkpoint(path, weights="teacher")
 

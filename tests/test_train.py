@@ -230,8 +230,10 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path, capsys):
     ckpt = tmp_path / "run" / "latest.pt"
     out = train.main(["--eval-only", str(ckpt)])
     assert out["metrics"][19]["mIoU"] == result["metrics"][19]["mIoU"]
-    assert "target mIoU (19 classes)" in capsys.readouterr().out
-    assert (tmp_path / "run" / "eval_latest.md").is_file()
+    assert f"mIoU {100 * out['metrics'][19]['mIoU']:.2f} (19 classes)" in capsys.readouterr().out
+    # the files of python -m cluda.evaluate, under the same names
+    for suffix in ("md", "csv", "json"):
+        assert (tmp_path / "run" / f"eval_latest.{suffix}").is_file()
     # overrides apply to the stored config: sliding-window inference on the same checkpoint
     out = train.main(["--eval-only", str(ckpt), "--eval.mode=slide", "--eval.crop_size=[32,32]",
                       "--eval.stride=[16,16]"])
@@ -325,3 +327,8 @@ def test_command_line_rejects_unknown_keys_and_arguments(tmp_path):
         train.main(["configs/demo.yaml", "stray"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         train.main([str(tmp_path / "missing.yaml")])
+    # an override whose value holds a space is an override, not the config path
+    args, overrides = train.parse_args(["--eval.stride=[256, 256]", "--resume"])
+    assert args.config is None and args.resume == "auto" and overrides == ["--eval.stride=[256, 256]"]
+    args, overrides = train.parse_args(["c.yaml", "--eval.stride=[256, 256]", "--stop-at=3"])
+    assert args.config == "c.yaml" and args.stop_at == 3 and overrides == ["--eval.stride=[256, 256]"]
