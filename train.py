@@ -36,16 +36,18 @@ from tqdm import tqdm
 
 import cluda.evaluate as evaluate_cli
 from cluda import runs
-from cluda.config import ConfigError, save_yaml, split_overrides, to_dict
+from cluda.build import build_model, build_train_dataset, build_uda_step, build_val_dataset, encoder_of
+from cluda.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from cluda.config import (Config, ConfigError, load_experiment, output_dir, save_yaml, split_overrides,
+                          to_dict)
+from cluda.device import autocast, backend_settings, resolve_device, setup_distributed
 from cluda.errors import EXIT_STATUS_HELP, NonFiniteError, OutputError, run_cli
-from cluda.evaluate import evaluate_model, format_table, write_metrics
-from cluda.experiment import (Config, autocast, backend_settings, build_model, build_train_dataset,
-                              build_uda_step, build_val_dataset, config_from_checkpoint, encoder_of,
-                              load_checkpoint, load_experiment, load_state_checked, output_dir,
-                              resolve_device, save_checkpoint, setup_distributed)
 from cluda.fileio import atomic_open
+from cluda.inference import evaluate_model
 from cluda.inference_memory import MemoryCheck
+from cluda.metrics import format_table, write_metrics
 from cluda.models import build_imnet_encoder
+from cluda.models.weights import load_state_checked
 from cluda.teacher import ema_alpha, ema_update, make_teacher
 from cluda.uda import TrainForward, UDAStep, step_seed
 

@@ -146,7 +146,7 @@ class MemoryCheck:
 
     Args:
         model: the network (a `Segmentor` or an `HRDA`), for its encoder's first-stage width.
-        cfg: the experiment (`cluda.experiment.Config`): `model.*`, `eval.*`.
+        cfg: the experiment (`cluda.config.Config`): `model.*`, `eval.*`.
         device: where inference runs.
     """
 

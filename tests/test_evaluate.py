@@ -1,5 +1,5 @@
-"""Tests for cluda.evaluate: confusion matrix, metrics and protocols, tables, atomic writes,
-test-time augmentation and the evaluation loop."""
+"""Tests for cluda.metrics (confusion matrix, metrics and protocols, tables), atomic writes and
+cluda.inference (test-time augmentation and the evaluation loop)."""
 import math
 import os
 
@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from cluda.data.labels import CLASS_NAMES, PROTOCOLS
-from cluda.evaluate import (ConfusionMatrix, atomic_write, compute_metrics, evaluate,
-                            format_table, predict_probs, write_metrics)
+from cluda.fileio import atomic_write
+from cluda.inference import evaluate, predict_probs
+from cluda.metrics import compute_metrics, ConfusionMatrix, format_table, write_metrics
 
 K = 19
 

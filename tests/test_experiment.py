@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluda.config import ConfigError, from_dict, to_dict
-from cluda.experiment import (Config, build_dataset, build_model, build_train_dataset,
-                              build_uda_step, build_val_dataset, load_checkpoint, load_experiment,
-                              load_model_from_checkpoint, make_predict_fn, save_checkpoint)
+from cluda.build import (build_dataset, build_model, build_train_dataset, build_uda_step,
+                         build_val_dataset)
+from cluda.checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
+from cluda.config import Config, ConfigError, from_dict, load_experiment, to_dict
+from cluda.inference import make_predict_fn
 from cluda.models import HRDA, Segmentor
 
 TINY_MODEL = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
@@ -86,7 +87,7 @@ def test_cross_field_checks(overrides, message):
 
 
 def test_the_smallest_temperature_is_accepted():
-    from cluda.experiment import MIN_TEMPERATURE
+    from cluda.config import MIN_TEMPERATURE
 
     assert tiny(f"--cl.temperature={MIN_TEMPERATURE}").cl.temperature == MIN_TEMPERATURE
 
@@ -99,7 +100,7 @@ def test_non_finite_values_are_refused(tmp_path):
 
 
 def test_triton_variant_reaches_the_op():
-    from cluda.experiment import build_uda_step
+    from cluda.build import build_uda_step
 
     step = build_uda_step(tiny("--cl.triton_variant=split"))
     assert step.contrastive.variant == "split" and "variant='split'" in repr(step.contrastive)
@@ -263,9 +264,9 @@ def test_checkpoint_round_trip_and_model_rebuilt_from_its_config(tmp_path):
     # overrides that keep the architecture are fine; ones that change it name the keys
     _, cfg3, _ = load_model_from_checkpoint(path, overrides=["--eval.mode=slide"])
     assert cfg3.eval.mode == "slide"
-    with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch: decoder\.fuse"):
+    with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch\(es\): decoder\.fuse"):
         load_model_from_checkpoint(path, overrides=["--model.channels=32"])
-    with pytest.raises(ValueError, match=r"missing: segmentor\.encoder.*unexpected: encoder\."):
+    with pytest.raises(ValueError, match=r"missing key\(s\): segmentor\.encoder.*unexpected key\(s\): encoder\."):
         load_model_from_checkpoint(path, overrides=["--model.hrda.enabled=true",
                                                     "--data.crop_size=[64,64]",
                                                     "--model.hrda.hr_crop_size=[32,32]"])
@@ -307,3 +308,16 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypa
     monkeypatch.undo()
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["latest.pt"]
     assert load_checkpoint(path)["iteration"] == 7
+
+
+def test_the_names_cluda_experiment_held_still_import_from_it():
+    import cluda.build
+    import cluda.checkpoint
+    import cluda.config
+    import cluda.experiment
+
+    assert cluda.experiment.load_experiment is cluda.config.load_experiment
+    assert cluda.experiment.Config is cluda.config.Config
+    assert cluda.experiment.build_model is cluda.build.build_model
+    assert cluda.experiment.load_checkpoint is cluda.checkpoint.load_checkpoint
+    assert cluda.experiment.config_to_dict is cluda.config.to_dict

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import train
-from cluda.config import ConfigError
-from cluda.experiment import build_uda_step, load_experiment
+from cluda.build import build_uda_step
+from cluda.config import ConfigError, load_experiment
 from cluda.losses import ContrastiveLoss, weighted_cross_entropy
 from cluda.masking import block_mask, mask_images
 from cluda.models import crop
 from cluda.teacher import make_teacher
-from cluda.uda import TrainForward, UDAStep, step_generator
+from cluda.uda import step_generator, TrainForward, UDAStep
 from test_train import HRDA, _tensors_equal, read_csv, run
 from test_uda import batch, make_step, tiny_model
 

@@ -32,8 +32,8 @@ import cluda.evaluate as ev
 import cluda.predict as pr
 import train
 from cli_helpers import one_thread  # noqa: F401
+from cluda.checkpoint import load_checkpoint
 from cluda.config import save_yaml
-from cluda.experiment import load_checkpoint
 
 DATA = Path(__file__).parent / "data"
 CHECKPOINT = DATA / "checkpoint_9dca368.pt"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import train
-from cluda.data.transforms import SegTransform, margin_mask
-from cluda.experiment import load_experiment
+from cluda.config import load_experiment
+from cluda.data.transforms import margin_mask, SegTransform
 from cluda.uda import StepResult, UDAStep
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import train
-from cluda.config import ConfigError
-from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
+from cluda.build import build_model, build_uda_step
+from cluda.checkpoint import load_checkpoint
+from cluda.config import ConfigError, load_experiment
 from cluda.teacher import make_teacher
 from cluda.uda import StepResult, TrainForward
 

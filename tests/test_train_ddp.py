@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluda.experiment import build_model, load_experiment
+from cluda.build import build_model
+from cluda.config import load_experiment
 from test_train import FAMILIES, tiny_overrides
 
 RUNS = [

@@ -13,9 +13,10 @@ import torch
 
 import train
 from cluda import runs
-from cluda.config import ConfigError
-from cluda.errors import UserError, is_user_error
-from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
+from cluda.build import build_model, build_uda_step
+from cluda.checkpoint import load_checkpoint
+from cluda.config import ConfigError, load_experiment
+from cluda.errors import is_user_error, UserError
 from cluda.uda import StepResult, TrainForward
 from test_data_real import make_cityscapes
 from test_train import _tensors_equal, read_csv, run, tiny_overrides
