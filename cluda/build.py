@@ -20,15 +20,26 @@ __all__ = ["build_model", "encoder_of", "build_dataset", "build_train_dataset", 
 def build_model(cfg: Config) -> nn.Module:
     """The student network: a `Segmentor` (DAFormer) or an `HRDA` wrapping one.
 
-    Weights come from `model.pretrained` (encoder only) or are random; nothing is downloaded.
+    The encoder's weights come from `model.pretrained`: a local file, timm's download (true), or
+    none (random).
+
+    Raises:
+        ConfigError: `model.pretrained: true` and timm cannot fetch the weights (offline): the
+            message asks for a local file.
     """
     from cluda.models import HRDA, build_segmentor
 
     m = cfg.model
-    segmentor = build_segmentor(
-        m.backbone, num_classes=m.num_classes, channels=m.channels, pretrained=m.pretrained,
-        drop_path_rate=m.drop_path_rate, embed_dim=m.embed_dim, aspp_channels=m.aspp_channels,
-        dropout=m.dropout, img_size=None if m.img_size is None else tuple(m.img_size))
+    try:
+        segmentor = build_segmentor(
+            m.backbone, num_classes=m.num_classes, channels=m.channels, pretrained=m.pretrained,
+            drop_path_rate=m.drop_path_rate, embed_dim=m.embed_dim, aspp_channels=m.aspp_channels,
+            dropout=m.dropout, img_size=None if m.img_size is None else tuple(m.img_size))
+    except (RuntimeError, ValueError) as err:  # `cluda.models.build_backbone`: no download
+        if m.pretrained is not True:
+            raise
+        raise ConfigError(f"model.pretrained: true: {err} (in a config: model.pretrained: "
+                          "/path/to/weights)") from err
     if not m.hrda.enabled:
         return segmentor
     h = m.hrda

@@ -10,6 +10,7 @@ A checkpoint written by `train.py` is a dict read back with `torch.load(weights_
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Dict, List, Literal, Sequence, Tuple, Union
@@ -79,19 +80,11 @@ def config_from_checkpoint(state: Dict[str, Any], *, path: str = "checkpoint",
     data = state["config"]
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: the stored config is not a mapping")
-    data = apply_overrides(_deepcopy_dict(data), parse_overrides(overrides), Config)
+    data = apply_overrides(copy.deepcopy(data), parse_overrides(overrides), Config)
     try:
         return validate(from_dict(Config, data))
     except ConfigError as err:
         raise ConfigError(f"{path}: stored config: {err}") from None
-
-
-def _deepcopy_dict(d):
-    if isinstance(d, dict):
-        return {k: _deepcopy_dict(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deepcopy_dict(v) for v in d]
-    return d
 
 
 def model_config_differences(stored: Dict[str, Any], cfg: Config) -> List[str]:

@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Literal, Optional, Sequence, Tuple
+from typing import Any, List, Literal, Optional, Sequence, Tuple, Union
 
 from cluda.data.labels import NUM_CLASSES, PROTOCOLS
 from cluda.typed_config import (ConfigError, apply_overrides, from_dict, load_config,
@@ -153,13 +153,16 @@ class HRDASection:
 @dataclass
 class ModelSection:
     """backbone: `mit_b0` ... `mit_b5` or a timm name (`swin_large_patch4_window12_384`,
-    `resnet101`). pretrained: a local ImageNet weights file (nothing is downloaded). channels:
+    `resnet101`). pretrained: the encoder's ImageNet weights: a local file (SegFormer's
+    `mit_b5.pth`, a timm checkpoint), true (a timm backbone's weights, downloaded through timm;
+    offline the start fails at once asking for a local file; MiT has no download), or null / false
+    (random initialisation). channels:
     fused decoder channels C (CLUDA 512). embed_dim / aspp_channels / dropout: the DAFormer
     decoder's per-level embedding, ASPP branch width and classifier dropout. drop_path_rate:
     encoder stochastic depth (None: the model's default). img_size: build size of fixed-size
     timm models (Swin): the training crop."""
     backbone: str = "mit_b5"
-    pretrained: Optional[str] = None
+    pretrained: Union[None, bool, str] = None
     num_classes: int = NUM_CLASSES
     channels: int = 512
     embed_dim: int = 256
@@ -406,6 +409,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.rcs_min_pixels and data.rcs_min_crop_ratio must be >= 0 and "
                           f"data.rcs_max_crop_tries >= 1, got {d.rcs_min_pixels}, "
                           f"{d.rcs_min_crop_ratio}, {d.rcs_max_crop_tries}")
+    if m.pretrained is True and m.backbone in _MIT_NAMES:
+        raise ConfigError(f"model.pretrained: true downloads a timm backbone's weights, but "
+                          f"SegFormer's {m.backbone} weights have no download: give the local file, "
+                          f"e.g. --model.pretrained=pretrained/{m.backbone}.pth")
     if m.backbone not in _MIT_NAMES:
         import timm  # only for other backbones: the name must be one timm can build
         if not timm.is_model(m.backbone):

@@ -10,7 +10,6 @@ averaged over the views.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -21,8 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from cluda.config import Config
-from cluda.data.labels import NUM_CLASSES, PROTOCOLS
-from cluda.data.transforms import normalize, resize
+from cluda.data.labels import NUM_CLASSES
+from cluda.data.transforms import normalize, rescale
 from cluda.device import autocast
 from cluda.inference_memory import MemoryCheck
 from cluda.metrics import ConfusionMatrix, compute_metrics
@@ -38,16 +37,6 @@ def make_predict_fn(model: nn.Module, cfg: Config) -> Callable[[torch.Tensor], t
         crop, stride = tuple(e.crop_size), tuple(e.stride)
         return lambda img: model.inference(img, mode="slide", crop_size=crop, stride=stride)
     return lambda img: model.inference(img, mode="whole")
-
-
-def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in scales)
-    except TypeError as e:
-        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from e
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
-    return scales
 
 
 @torch.no_grad()
@@ -73,17 +62,10 @@ def predict_probs(predict_fn: Callable[[torch.Tensor], torch.Tensor], img: torch
     Returns:
         (B, K, H_out, W_out) float32 probabilities on the logits' device.
     """
-    if not isinstance(img, torch.Tensor):
-        raise TypeError(f"img must be a tensor, got {type(img).__name__}")
-    if img.dim() != 4:
-        raise ValueError(f"img must be (B, C, H, W), got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise TypeError(f"img must be floating point (normalised), got dtype {img.dtype}")
-    scales = _check_scales(scales)
+    assert img.dim() == 4 and img.is_floating_point(), (img.dtype, img.shape)  # (B, 3, H, W)
+    assert scales and min(scales) > 0, scales
     height, width = img.shape[-2:]
     out_size = (height, width) if out_size is None else tuple(int(s) for s in out_size)
-    if len(out_size) != 2 or min(out_size) < 1:
-        raise ValueError(f"out_size must be (H, W) with positive sizes, got {out_size}")
     total = None
     views = 0
     for s in scales:
@@ -91,16 +73,10 @@ def predict_probs(predict_fn: Callable[[torch.Tensor], torch.Tensor], img: torch
         x = img if size == (height, width) else F.interpolate(
             img, size=size, mode="bilinear", align_corners=False)
         for mirrored in ((False, True) if flip else (False,)):
-            logits = predict_fn(x.flip(-1) if mirrored else x)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 4 \
-                    or logits.shape[0] != img.shape[0]:
-                got = (tuple(logits.shape) if isinstance(logits, torch.Tensor)
-                       else type(logits).__name__)
-                raise ValueError(f"predict_fn must return logits (B={img.shape[0]}, K, h, w), "
-                                 f"got {got}")
-            if num_classes is not None and logits.shape[1] != num_classes:
-                raise ValueError(f"predict_fn returned {logits.shape[1]} classes, "
-                                 f"expected num_classes={num_classes}")
+            logits = predict_fn(x.flip(-1) if mirrored else x)  # (B, K, h', w')
+            assert logits.dim() == 4 and logits.shape[0] == img.shape[0], logits.shape
+            assert num_classes is None or logits.shape[1] == num_classes, \
+                f"predict_fn returned {logits.shape[1]} classes, expected num_classes={num_classes}"
             logits = logits.float()
             if tuple(logits.shape[-2:]) != out_size:
                 logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
@@ -112,24 +88,15 @@ def predict_probs(predict_fn: Callable[[torch.Tensor], torch.Tensor], img: torch
     return total / views
 
 
-def _batches(sample: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample dict -> (img (B, 3, H, W), label (B, H_l, W_l)), checked."""
-    if not isinstance(sample, Mapping):
-        raise TypeError(f"sample {index} must be a dict with 'img' and 'label', got "
-                        f"{type(sample).__name__}")
-    if "img" not in sample or "label" not in sample:
-        raise ValueError(f"sample {index} must have keys 'img' and 'label', got {sorted(sample)}")
+def _batches(sample: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample dict -> (img (B, 3, H, W), label (B, H_l, W_l))."""
     img, label = sample["img"], sample["label"]
-    if not isinstance(img, torch.Tensor) or not isinstance(label, torch.Tensor):
-        raise TypeError(f"sample {index}: 'img' and 'label' must be tensors")
     if img.dim() == 3:
         img = img.unsqueeze(0)
     if label.dim() == 2:
         label = label.unsqueeze(0)
-    if img.dim() != 4 or label.dim() != 3 or img.shape[0] != label.shape[0]:
-        raise ValueError(f"sample {index}: expected img (3, H, W) / (B, 3, H, W) and label "
-                         f"(H, W) / (B, H, W), got {tuple(sample['img'].shape)} and "
-                         f"{tuple(sample['label'].shape)}")
+    assert img.dim() == 4 and label.dim() == 3 and img.shape[0] == label.shape[0], \
+        (img.shape, label.shape)
     return img, label
 
 
@@ -163,13 +130,6 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
         `device`, "num_images": int}.
     """
     protocols = tuple(protocols)
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}; known: {sorted(PROTOCOLS)}")
-        if max(PROTOCOLS[p]) >= num_classes:
-            raise ValueError(f"the {p}-class protocol needs num_classes >= "
-                             f"{max(PROTOCOLS[p]) + 1}, got {num_classes}")
-    scales = _check_scales(scales)
     cm = ConfusionMatrix(num_classes, device=device)
     num_images = 0
     try:
@@ -177,7 +137,7 @@ def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
     except TypeError:
         total = None
     for i, sample in enumerate(tqdm(data, total=total, disable=not progress, desc="evaluate")):
-        img, label = _batches(sample, i)
+        img, label = _batches(sample)
         if memory_check is not None:
             paths = sample.get("path", f"sample {i}")
             memory_check(tuple(img.shape), tuple(label.shape[-2:]),
@@ -219,7 +179,7 @@ def predict_image(predict_fn: Callable[[torch.Tensor], torch.Tensor], image: np.
         (H, W) uint8 train ids.
     """
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape  # (H, W, 3) uint8
-    resized, _ = resize(image, None, scale=None if scale is None else tuple(scale))
+    resized, _ = rescale(image, None, scale=None if scale is None else tuple(scale))
     x = normalize(resized)[None].to(device)  # (1, 3, h, w)
     probs = predict_probs(predict_fn, x, out_size=image.shape[:2], num_classes=num_classes,
                           flip=flip, scales=scales)  # (1, K, H, W)

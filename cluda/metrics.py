@@ -61,10 +61,7 @@ class ConfusionMatrix:
     """
 
     def __init__(self, num_classes: int, *, device: torch.device | str = "cpu") -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        assert num_classes >= 1, f"num_classes must be >= 1, got {num_classes}"
         self.num_classes = num_classes
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
@@ -85,24 +82,17 @@ class ConfusionMatrix:
             target: integer ground truth of the same shape; 255 and values outside [0, K) are
                 skipped.
         """
-        if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError("pred and target must be torch tensors, got "
-                            f"{type(pred).__name__} and {type(target).__name__}")
-        for name, t in (("pred", pred), ("target", target)):
-            if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-                raise TypeError(f"{name} must hold integer class ids, got dtype {t.dtype}")
-        if pred.shape != target.shape:
-            raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs "
-                             f"{tuple(target.shape)}")
+        assert not (pred.is_floating_point() or target.is_floating_point()), \
+            f"pred and target must hold integer class ids, got {pred.dtype}, {target.dtype}"
+        assert pred.shape == target.shape, f"pred and target shapes differ: {pred.shape}, {target.shape}"
         k = self.num_classes
         pred = pred.to(self.device, torch.int64).reshape(-1)
         target = target.to(self.device, torch.int64).reshape(-1)
         valid = (target >= 0) & (target < k) & (target != IGNORE_INDEX)
         pred = pred[valid]
         target = target[valid]
-        if pred.numel() and (pred.min() < 0 or pred.max() >= k):
-            raise ValueError(f"pred holds class ids outside [0, {k}): "
-                             f"min {int(pred.min())}, max {int(pred.max())}")
+        assert not pred.numel() or (pred.min() >= 0 and pred.max() < k), \
+            f"pred holds class ids outside [0, {k})"
         # One bin per (ground truth, prediction) pair: row-major index target * K + pred.
         counts = torch.bincount(target * k + pred, minlength=k * k)
         self.matrix += counts.reshape(k, k)
@@ -132,24 +122,14 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, *, protocol: int = 19) ->
         `mIoU`, `mAcc`, `aAcc` (floats in [0, 1], NaN if nothing was counted); `num_pixels`
         (ground-truth pixels of the protocol's classes). All values are plain Python objects.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}")
     if isinstance(matrix, np.ndarray):
         matrix = torch.from_numpy(matrix)
-    if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"matrix must be a tensor or numpy array, got {type(matrix).__name__}")
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"matrix must be square (K, K), got shape {tuple(matrix.shape)}")
-    if matrix.is_floating_point() or matrix.is_complex() or matrix.dtype == torch.bool:
-        raise TypeError(f"matrix must hold integer counts, got dtype {matrix.dtype}")
     class_ids = PROTOCOLS[protocol]
     k = matrix.shape[0]
-    if max(class_ids) >= k:
-        raise ValueError(f"the {protocol}-class protocol needs train ids up to {max(class_ids)}, "
-                         f"but the matrix has only {k} classes")
+    assert matrix.shape == (k, k) and not matrix.is_floating_point(), \
+        f"matrix must be square integer counts, got {matrix.dtype} {tuple(matrix.shape)}"
+    assert max(class_ids) < k, f"the {protocol}-class protocol needs train ids up to {max(class_ids)}"
     m = matrix.detach().to("cpu", torch.float64)  # exact for counts below 2**53
-    if bool((m < 0).any()):
-        raise ValueError("matrix holds negative counts")
     tp = m.diagonal()
     gt = m.sum(dim=1)      # TP + FN per class
     predicted = m.sum(dim=0)  # TP + FP per class
@@ -179,22 +159,11 @@ def compute_metrics(matrix: torch.Tensor | np.ndarray, *, protocol: int = 19) ->
 # --------------------------------------------------------------------------------------------
 
 def _as_rows(metrics: Mapping[str, Any]) -> tuple[list[tuple[str | None, Mapping[str, Any]]], int]:
-    """A single metrics dict -> [(None, metrics)]; {row name: metrics} -> [(name, metrics), ...].
-    Checks that every row uses one protocol and returns it."""
-    if not isinstance(metrics, Mapping) or not metrics:
-        raise TypeError("metrics must be a non-empty dict from compute_metrics, or a dict "
-                        "{row name: metrics dict}")
-    if "iou" in metrics and "protocol" in metrics:
-        rows = [(None, metrics)]
-    else:
-        rows = list(metrics.items())
-    for name, m in rows:
-        if not isinstance(m, Mapping) or not {"iou", "acc", "protocol", "class_ids"} <= set(m):
-            raise TypeError(f"row {name!r} is not a metrics dict from compute_metrics")
+    """A single metrics dict -> [(None, metrics)]; {row name: metrics} -> [(name, metrics), ...],
+    and their protocol (one for every row)."""
+    rows = [(None, metrics)] if "iou" in metrics else list(metrics.items())
     protocols = {m["protocol"] for _, m in rows}
-    if len(protocols) != 1:
-        raise ValueError("all rows of one table must use the same protocol, got "
-                         f"{sorted(protocols)}")
+    assert len(protocols) == 1, f"all rows of one table must use the same protocol, got {protocols}"
     return rows, protocols.pop()
 
 
@@ -218,12 +187,7 @@ def format_table(metrics: Mapping[str, Any], *, fmt: str = "markdown", metric: s
         metric: "iou" or "acc".
         digits: decimals of the percentages.
     """
-    if fmt not in ("markdown", "csv"):
-        raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
-    if metric not in ("iou", "acc"):
-        raise ValueError(f"metric must be 'iou' or 'acc', got {metric!r}")
-    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
-        raise ValueError(f"digits must be a non-negative int, got {digits!r}")
+    assert fmt in ("markdown", "csv") and metric in ("iou", "acc"), (fmt, metric)
     rows, protocol = _as_rows(metrics)
     # Train ids are numbered in Table 1's column order, so sorting by id gives that order.
     class_ids = sorted(PROTOCOLS[protocol])
@@ -285,11 +249,6 @@ def render_metrics(metrics: Mapping[str, Any], *, details: Sequence[str] = ()) -
     return {"markdown": markdown, "csv": format_table(metrics, fmt="csv", metric="iou", digits=2)}
 
 
-def _check_stem(stem: str) -> None:
-    if not isinstance(stem, str) or stem in ("", ".", "..") or "/" in stem or os.sep in stem:
-        raise ValueError(f"stem must be a plain file name, got {stem!r}")
-
-
 def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: str, *,
                   details: Sequence[str] = ()) -> dict[str, Path]:
     """Write the tables as `<out_dir>/<stem>.md` and `<out_dir>/<stem>.csv`, atomically.
@@ -308,7 +267,7 @@ def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: 
     Returns:
         {"markdown": path, "csv": path}.
     """
-    _check_stem(stem)
+    assert stem not in ("", ".", "..") and os.sep not in stem and "/" not in stem, stem
     texts = render_metrics(metrics, details=details)
     out_dir = Path(out_dir)
     paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}

@@ -10,7 +10,7 @@ from cluda.data.rcs import (RareClassSampler, compute_class_stats, rcs_class_pro
 from cluda.data.transforms import (SegTransform, denormalize, eval_transform, normalize, pad,
                                    random_crop, random_flip, rescale_size, resize,
                                    train_transform)
-from cluda.data.uda import UDADataset
+from cluda.data.pairs import UDADataset
 
 
 class ArrayDataset(SegmentationDataset):

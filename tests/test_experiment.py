@@ -1,6 +1,8 @@
-"""cluda.experiment: the schema (overrides, rejection, cross-field checks), the builders and the
-checkpoint files (atomic save, clear errors, model rebuilt from the stored config)."""
+"""cluda.config (the schema: overrides, rejection, cross-field checks), cluda.build (the builders)
+and cluda.checkpoint (atomic save, clear errors, model rebuilt from the stored config)."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from cluda.config import Config, ConfigError, from_dict, load_experiment, to_dic
 from cluda.inference import make_predict_fn
 from cluda.models import HRDA, Segmentor
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
               "--model.aspp_channels=8", "--model.hrda.head_channels=8"]
 
@@ -321,3 +324,29 @@ def test_the_names_cluda_experiment_held_still_import_from_it():
     assert cluda.experiment.build_model is cluda.build.build_model
     assert cluda.experiment.load_checkpoint is cluda.checkpoint.load_checkpoint
     assert cluda.experiment.config_to_dict is cluda.config.to_dict
+
+
+def test_pretrained_true_means_timm_s_download():
+    assert tiny("--model.backbone=test_efficientnet", "--model.pretrained=true").model.pretrained is True
+    assert tiny("--model.pretrained=false").model.pretrained is False  # random initialisation
+    assert tiny("--model.pretrained=pretrained/mit_b0.pth").model.pretrained == "pretrained/mit_b0.pth"
+    with pytest.raises(ConfigError, match=r"mit_b0 weights have no download.*pretrained/mit_b0\.pth"):
+        tiny("--model.pretrained=true")
+    with pytest.raises(ConfigError, match=r"model\.pretrained: expected null \| bool \| str"):
+        tiny("--model.pretrained=3")
+
+
+def test_pretrained_true_offline_fails_at_once_asking_for_a_local_file(tmp_path):
+    # HF_HUB_OFFLINE=1 and an empty hub cache: offline on any machine.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--model.backbone=test_efficientnet",
+         "--model.pretrained=true", "--experiment.device=cpu", f"--experiment.work_dir={tmp_path}",
+         "--data.workers=0", "--train.max_iters=1"],
+        env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: model.pretrained: true:"), proc.stderr
+    assert "test_efficientnet" in lines[0] and "local weights file" in lines[0]
+    assert not (tmp_path / "demo" / "config.yaml").exists()

@@ -1,6 +1,6 @@
-"""The UDA training data set: each item pairs a labelled source sample (drawn by rare class
-sampling or uniformly) with a random target sample, as DAFormer's `UDADataset` (Hoyer et al.,
-CVPR 2022), whose target labels are never used for training.
+"""The UDA training data set of source / target pairs: each item pairs a labelled source sample
+(drawn by rare class sampling or uniformly) with a random target sample, as DAFormer's
+`UDADataset` (Hoyer et al., CVPR 2022), whose target labels are never used for training.
 
 Item `index` is a pure function of (seed, index): the generator of every random choice
 (which source image, which target image, crops, flips, RCS class) is
