@@ -415,11 +415,13 @@ def test_gpu_check_dry_run_plumbing(tmp_path):
     assert "torch" in log and "demo_tiny_no_cl" in log
     rows = _read_csv(tmp_path / "pixel_infonce.csv")
     assert {(r["provider"], r["n"]) for r in rows} == {("torch", "256"), ("triton", "256")}
-    assert [r["status"] for r in _read_csv(tmp_path / "train_steps.csv")] == ["ok", "ok"]
+    train = _read_csv(tmp_path / "train_steps.csv")  # the quick cases and the inference case
+    assert [(r["case"], r["status"]) for r in train] == [
+        ("demo_tiny", "ok"), ("demo_tiny_no_cl", "ok"), ("eval_demo_tiny", "ok")]
     tail = out.stdout.strip().splitlines()
     kernel_table = tail.index(next(line for line in tail if line.startswith("provider")))
     assert tail[kernel_table + 2].startswith("triton")
-    assert tail[-3].startswith("case") and tail[-1].startswith("demo_tiny_no_cl")
+    assert tail[-4].startswith("case") and tail[-1].startswith("eval_demo_tiny")
     assert "GPU tests: passed" in out.stdout and "training exit code: 0" in out.stdout
     # GPU_CHECK_BUDGET_S=0: the training steps alone.
     only = tmp_path / "train_only"
