@@ -16,10 +16,10 @@ from PIL import Image
 
 import train
 from cluda.data import prepare as prep
-from cluda.data.io import write_png16
 from cluda.data.labels import SYNTHIA_ID_TO_TRAINID
 from cluda.data.synthetic import make_scene, to_cityscapes_ids
 from cluda.experiment import load_experiment
+from png16 import write_png16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
