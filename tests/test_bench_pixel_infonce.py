@@ -350,6 +350,7 @@ def test_command_line_keeps_every_flag(capsys):
 # End to end
 
 
+@pytest.mark.slow
 def test_quick_sweep_writes_sane_csv_markdown_and_plot(tmp_path):
     cmd = [sys.executable, "-m", "bench.bench_pixel_infonce", "--quick", "--out", str(tmp_path)]
     out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -398,6 +399,7 @@ def test_quick_sweep_writes_sane_csv_markdown_and_plot(tmp_path):
     assert md.count("\n## ") == 2 and md.index("| torch | 256 |") < md.index("| reference | 512 |")
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_plumbing(tmp_path):
     env = _env()
     env.update(OUT=str(tmp_path), PYTHON=sys.executable,
