@@ -12,11 +12,11 @@ from PIL import Image
 
 import cluda.predict as pr
 from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
-from cluda.data.io import write_png16
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, colorize, lookup_table
 from cluda.data.transforms import denormalize, normalize, resize
 from cluda.evaluate import predict_probs
 from cluda.experiment import build_val_dataset, load_experiment, make_predict_fn
+from png16 import write_png16
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
