@@ -11,7 +11,9 @@ setup(
         "torch>=2.1",
         # Triton ships with torch's Linux wheels; the fused kernel needs it (or TRITON_INTERPRET=1 on CPU).
         "triton>=2.2; platform_system == 'Linux'",
-        "timm>=0.9",
+        "timm>=1.0",
+        # The strong augmentation's colour jitter and blur (transforms.v2.functional; 0.16 pairs with torch 2.1).
+        "torchvision>=0.16",
         "numpy",
         "pillow",
         "pyyaml",

@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs (issues 3 and 6), from the repository root of a copy of the tree:
+# The one script a GPU session runs, from the repository root of a copy of the tree. Three modes,
+# each one call of the device tool:
 #
-#     CLUDA_GIT_REV=<short hash of the tree> bash bench/gpu_check.sh          # on the GPU machine
-#     bash bench/gpu_check.sh --dry-run                                       # plumbing, on a CPU
+#     CLUDA_GIT_REV=<short hash> bash bench/gpu_check.sh            # GPU tests, training steps,
+#                                                                  # kernel sweep (~6 min)
+#     CLUDA_GIT_REV=<short hash> bash bench/gpu_check.sh --train    # the training measurements
+#                                                                  # (<= 9 min: timeout_s=560)
+#     CLUDA_GIT_REV=<short hash> bash bench/gpu_check.sh --kernel   # the launch presets against
+#                                                                  # each other (<= 9 min)
+#     bash bench/gpu_check.sh [--train | --kernel] --dry-run        # the plumbing, on a CPU
 #
+# Default mode:
 # 1. environment (nvidia-smi, python, torch, triton)
 # 2. the GPU-marked tests, `python -m pytest -m gpu -q`
-# 3. training steps of the paper configs on synthetic data (bench/train_steps.py)
-#                                                     -> $OUT/train_steps.{csv,md}
-# 4. optionally, the launch variants of the Triton kernels (kernels.triton_infonce.VARIANTS) at
+# 3. training steps of the paper configs on synthetic data, and the HRDA slide-inference case
+#    (bench/train_steps.py)                           -> $OUT/train_steps.{csv,md}
+# 4. optionally, the launch presets of the Triton kernels (kernels.triton_infonce.VARIANTS) at
 #    N = 131,072 and 16,384, C = 512, bfloat16        -> rows in $OUT/pixel_infonce.csv
 # 5. the GPU benchmark sweep under a time budget      -> $OUT/pixel_infonce.{csv,md,png}
-# 6. the short tables, printed last: issue 3's targets and the C=512 bf16 slice, the variant
-#    comparison (when run) with the fastest variant per N, the training step times.
+# 6. the short tables, printed last: the kernel's targets and the C=512 bf16 slice, the preset
+#    comparison (when run) with the fastest preset per N, the training step times.
 # The training steps run before the kernel steps: the kernel's H200 numbers are committed
 # (bench/results/pixel_infonce.csv) and a GPU training step time is what no lease has measured.
 # Every step's log goes to $OUT/gpu_check.log (one file: the device tool returns at most 8).
 #
 # About 6 minutes on an H100 / H200 at most: tests <= 100 s; the training cases start none after
 # 150 s and are stopped at 230 s; the sweep starts no cell after 120 s and is stopped (SIGTERM,
-# reports still written) at 180 s; the variants, when asked for, start no cell after 75 s and are
+# reports still written) at 180 s; the presets, when asked for, start no cell after 75 s and are
 # stopped at 105 s. Nothing is installed: the device machine has no network; its python3
 # (torch 2.11, triton 3.6) imports the repository through PYTHONPATH.
 # --dry-run runs the same steps on a CPU with the quick sweep and the quick training cases.
@@ -29,16 +36,32 @@
 #   CLUDA_GIT_REV            revision stamp when the copy has no .git
 #   GPU_CHECK_TESTS          what pytest collects (default: tests)
 #   GPU_CHECK_TEST_TIMEOUT   seconds for the tests (default: 100)
-#   GPU_CHECK_VARIANTS       variants to compare, comma-separated, "all" or "none" (default: none;
+#   GPU_CHECK_VARIANTS       presets to compare, comma-separated, "all" or "none" (default: none;
 #                            the H200 run of 2026-11-27 picked the default, see bench/NOTES.md)
 #   GPU_CHECK_VARIANTS_ARGS  their cells (default: --n 131072,16384 --c 512 --dtype bfloat16)
-#   GPU_CHECK_VARIANTS_BUDGET_S  variant budget in seconds (default: 75)
+#   GPU_CHECK_VARIANTS_BUDGET_S  preset budget in seconds (default: 75)
 #   GPU_CHECK_BUDGET_S       sweep budget in seconds (default: 120; 0 skips step 5)
 #   GPU_CHECK_BENCH_ARGS     extra arguments for bench.bench_pixel_infonce
 #   GPU_CHECK_TRAIN_BUDGET_S training budget in seconds (default: 150; 0 skips step 3)
 #   GPU_CHECK_TRAIN_ARGS     extra arguments for bench.train_steps (e.g. --cases daformer,hrda)
 #
-# --kernel: issue 12's measurement of the launch presets instead (one call of at most ~8 minutes:
+# --train: the training measurements, in one call of at most ~9 minutes (`run` with
+# timeout_s=560), no GPU tests and no kernel steps:
+# 1. environment (as above)
+# 2. the training cases at each config's crop and batch size, 25 iterations each, and the HRDA +
+#    CLUDA slide inference of one 1024 x 2048 image: daformer, daformer_cluda, hrda, hrda_cluda,
+#    eval_hrda_slide, daformer_cluda_65 (none started after 180 s, stopped at 260 s; a stopped
+#    case keeps the windows it logged)                -> $OUT/train_steps.{csv,md}
+# 3. the stability run: HRDA + CLUDA for 300 iterations (`--stability 300`: every term finite,
+#    loss going down, memory flat after iteration 50), stopped when the call's total of 530 s is
+#    reached (the verdict is then on the windows logged so far) -> rows in the same files
+# 4. the training table, last (bench.train_steps --report-only)
+# Knobs: GPU_CHECK_TRAIN_CASES (step 2's cases, comma-separated), GPU_CHECK_TRAIN_BUDGET_S (step
+# 2's start budget, default 180), GPU_CHECK_STABILITY (iterations, default 300; 0 skips step 3),
+# GPU_CHECK_TRAIN_TOTAL_S (the call's limit, default 530), GPU_CHECK_TRAIN_ARGS (extra arguments
+# for both steps). --dry-run: the tiny demo cases on the CPU and a 4-iteration stability run.
+#
+# --kernel: the launch presets measured against each other (one call of at most ~8 minutes:
 # `run` with timeout_s=540), every step under its own time limit:
 # 1. environment (as above)
 # 2. the GPU tests as a gate: `pytest -m gpu -k "$GPU_CHECK_KERNEL_TESTS"` (<= 150 s; every
@@ -60,13 +83,22 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 DRY_RUN=0
 KERNEL=0
+TRAIN_MODE=0
+USAGE="usage: bash bench/gpu_check.sh [--train | --kernel] [--dry-run]"
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     --kernel) KERNEL=1 ;;
-    *) echo "usage: bash bench/gpu_check.sh [--kernel] [--dry-run]" >&2; exit 2 ;;
+    --train) TRAIN_MODE=1 ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
   esac
 done
+if [ "$KERNEL" = 1 ] && [ "$TRAIN_MODE" = 1 ]; then
+  echo "--train and --kernel are two calls: pick one. $USAGE" >&2
+  exit 2
+fi
+MODE_NAME=default
+if [ "$KERNEL" = 1 ]; then MODE_NAME=kernel; elif [ "$TRAIN_MODE" = 1 ]; then MODE_NAME=train; fi
 
 OUT="${OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
@@ -89,7 +121,7 @@ read -r -a TRAIN_ARGS <<< "${GPU_CHECK_TRAIN_ARGS:-}"
 # it ends.
 LOGS="$(mktemp -d)"
 gather_logs() {
-  for f in env pytest_gpu kernel_probe variants regression_all bench train_steps; do
+  for f in env pytest_gpu kernel_probe variants regression_all bench train_steps stability; do
     if [ -f "$LOGS/$f.log" ]; then echo "==================== $f.log"; cat "$LOGS/$f.log"; fi
   done > "$OUT/gpu_check.log"
   rm -rf "$LOGS"
@@ -99,7 +131,7 @@ trap gather_logs EXIT
 # ---- 1. environment ------------------------------------------------------------------------
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "dry run: $DRY_RUN"
+  echo "dry run: $DRY_RUN; mode: $MODE_NAME"
   if [ "$DRY_RUN" = 0 ]; then nvidia-smi || echo "nvidia-smi failed"; fi
   "$PY" - <<'PYEOF'
 import sys
@@ -135,6 +167,72 @@ run_step() {
   tail -n "$lines" "$log"
   return $rc
 }
+
+if [ "$TRAIN_MODE" = 1 ]; then
+  TOTAL_S="${GPU_CHECK_TRAIN_TOTAL_S:-530}"
+  CASES_BUDGET_S="${GPU_CHECK_TRAIN_BUDGET_S:-180}"
+  CASES_LIMIT_S=$((CASES_BUDGET_S + 80))
+  if [ "$DRY_RUN" = 1 ]; then
+    MODE=(--quick)
+    CASES="${GPU_CHECK_TRAIN_CASES:-demo_tiny,demo_tiny_no_cl,eval_demo_tiny}"
+    STABILITY="${GPU_CHECK_STABILITY:-4}"
+  else
+    MODE=()
+    CASES="${GPU_CHECK_TRAIN_CASES:-daformer,daformer_cluda,hrda,hrda_cluda,eval_hrda_slide,daformer_cluda_65}"
+    STABILITY="${GPU_CHECK_STABILITY:-300}"
+  fi
+  # step_result RC: how a training step ended. Stopped at its limit (SIGTERM), the case in
+  # progress keeps the windows it logged; killed (SIGKILL, it did not stop in time), it has no row.
+  step_result() {
+    case $1 in 0) echo "ok" ;; 124) echo "stopped at its time limit (rows kept)" ;;
+      137) echo "KILLED at its time limit (the case in progress has no row)" ;;
+      *) echo "FAILED (exit $1)" ;; esac
+  }
+  echo "== bench.train_steps ${MODE[*]} --cases $CASES ${TRAIN_ARGS[*]:-} (none started after" \
+       "${CASES_BUDGET_S}s, stopped at ${CASES_LIMIT_S}s)"
+  run_step train_steps "$CASES_LIMIT_S" 20 3 "$PY" -m bench.train_steps ${MODE[@]+"${MODE[@]}"} \
+    --cases "$CASES" --budget-s "$CASES_BUDGET_S" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUT"
+  CASES_RC=$?
+  STABILITY_RC=0
+  STABILITY_RESULT="skipped (GPU_CHECK_STABILITY=0)"
+  if [ "$STABILITY" != 0 ]; then
+    LEFT=$((TOTAL_S - SECONDS - 20))  # 20 s for the table at the end
+    if [ "$LEFT" -lt 60 ]; then
+      STABILITY_RESULT="skipped (${LEFT}s left of ${TOTAL_S}s)"
+      STABILITY_RC=1
+    else
+      echo "== bench.train_steps ${MODE[*]} --stability $STABILITY ${TRAIN_ARGS[*]:-} (stopped at ${LEFT}s)"
+      run_step stability "$LEFT" 15 3 "$PY" -m bench.train_steps ${MODE[@]+"${MODE[@]}"} \
+        --cases "" --stability "$STABILITY" ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} --out "$OUT"
+      STABILITY_RC=$?
+      STABILITY_RESULT="$(step_result $STABILITY_RC)"
+    fi
+  fi
+  echo
+  echo "== summary (files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')+ gpu_check.log)"
+  echo "training cases: $(step_result $CASES_RC); stability run ($STABILITY iterations): $STABILITY_RESULT"
+  REPORT_RC=0
+  if [ -s "$OUT/train_steps.csv" ]; then
+    echo "training steps (paper configs on the synthetic pair, from scratch; train_steps.md):"
+    "$PY" -m bench.train_steps --report-only --out "$OUT" || REPORT_RC=1
+    # A stopped step exits 124 whatever its rows say: the rows decide (an error, an OOM or an
+    # unstable verdict fails the call).
+    "$PY" - "$OUT/train_steps.csv" <<'PYEOF' || REPORT_RC=1
+import csv, sys
+with open(sys.argv[1], newline="") as f:
+    bad = [r["case"] for r in csv.DictReader(f)
+           if not (r["status"] == "ok" or r["status"].startswith(("skipped", "stopped")))]
+sys.exit(1 if bad else 0)
+PYEOF
+  else
+    echo "no training rows were written: see gpu_check.log"
+    REPORT_RC=1
+  fi
+  for rc in "$CASES_RC" "$STABILITY_RC" "$REPORT_RC"; do
+    case $rc in 0|124) ;; *) exit 1 ;; esac
+  done
+  exit 0
+fi
 
 if [ "$KERNEL" = 1 ]; then
   KVARIANTS="${GPU_CHECK_KERNEL_VARIANTS:-resident,split,split_tma,split_m32}"

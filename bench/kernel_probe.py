@@ -28,7 +28,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import torch
 
-from bench.bench_pixel_infonce import CSV_NAME, DTYPES, TEMPERATURE, make_forward, make_inputs
+from bench.pixel_infonce.inputs import DTYPES, TEMPERATURE, make_inputs
+from bench.pixel_infonce.providers import make_forward
+from bench.pixel_infonce.report import CSV_NAME
 from bench.utils import device_name, git_revision, library_versions, matmul_tflops, read_rows
 
 JSON_NAME = "kernel_probe.json"

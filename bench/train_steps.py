@@ -21,11 +21,16 @@ The inference case (`eval_hrda_slide`) times one 1024 x 2048 image through the c
 evaluation mode. `--stability N` trains HRDA + CLUDA for N iterations and checks the run: every
 term finite, the loss going down, the per-window peak memory flat after iteration 50.
 
+A SIGTERM (the time limits of bench/gpu_check.sh) stops the case in progress with the log windows
+it wrote so far (status "stopped (time limit) after K of N iterations", the stability verdict on
+those windows) and skips the rest; the rows and the Markdown are still written.
+
 Usage (from the repository root):
     python -m bench.train_steps                    # the GPU cases below, 25 iterations each
     python -m bench.train_steps --cases daformer,daformer_cluda --iters 20
     python -m bench.train_steps --quick            # the demo config made tiny, CPU, < 1 min
     python -m bench.train_steps --cases hrda --stability 300    # one case and the stability run
+    python -m bench.train_steps --cases "" --stability 300      # the stability run alone
     python -m bench.train_steps --report-only      # rebuild the Markdown from the CSV
     python -m bench.train_steps --merge OTHER.csv  # add another run's rows (a GPU's)
 
@@ -35,6 +40,7 @@ and OUT/train_steps.md is rebuilt from the whole CSV.
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -51,7 +57,8 @@ import torch
 
 from bench.utils import (REPO_ROOT, append_rows, device_name, git_revision, library_versions,
                          merge_rows, read_rows, timing_from_samples)
-from cluda.experiment import load_experiment, resolve_device
+from cluda.config import load_experiment
+from cluda.device import resolve_device
 
 # name -> (config, extra overrides, what it shows)
 CASES = {
@@ -190,42 +197,80 @@ def stability_verdict(windows: Sequence[Dict[str, str]], *, settle_iter: int) ->
     return ("ok" if not problems else "unstable: " + "; ".join(problems)), note, growth
 
 
+class Stopped(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop the run, keep what was measured (a BaseException, so
+    that the `except Exception` of a failing case does not swallow it)."""
+
+
+_STOP = {"requested": False, "pid": None}
+
+
+def _on_sigterm(signum, frame):
+    if os.getpid() != _STOP["pid"]:  # a process forked with this handler: not the run's to stop
+        return
+    _STOP["requested"] = True
+    signal.signal(signum, signal.SIG_IGN)  # once: the rows and the report still get written
+    raise Stopped()
+
+
+def _logged_windows(work_dir: str) -> List[Dict[str, str]]:
+    """The log windows `train.py` wrote under `work_dir` so far (its run folder's log.csv)."""
+    logs = sorted(Path(work_dir).rglob("log.csv"))
+    return read_rows(logs[0]) if logs else []
+
+
 def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_interval: int,
              workers: int, base_row: Dict[str, object], common: Sequence[str] = (),
              stability: bool = False) -> Dict[str, object]:
     """Train `iters` iterations of one case and return its row (status "ok" or what went wrong).
-    `stability`: judge the run with `stability_verdict` instead of reporting "ok"."""
+    `stability`: judge the run with `stability_verdict` instead of reporting "ok". A SIGTERM
+    (`Stopped`) ends the case early with the log windows written so far and status "stopped
+    (time limit) ..."."""
     import train  # the repository root's train.py (cwd or the path set above)
 
     row = dict(base_row, case=name, config=config, overrides=" ".join(list(common) + list(extra)),
                iters=iters, status="", note="")
+    stopped, device, probe = False, None, None
     with tempfile.TemporaryDirectory(prefix="train_steps_") as work_dir:
         given = list(common) + list(extra)
         try:
-            overrides = synthetic_overrides(config, iters=iters, log_interval=log_interval,
-                                            workers=workers, work_dir=work_dir, name=name,
-                                            given=given) + given
-            cfg = load_experiment(str(REPO_ROOT / config), overrides)
-            row.update(crop="x".join(map(str, cfg.data.crop_size)), batch=cfg.data.batch_size)
-            device = resolve_device(cfg, 0)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            probe = StepProbe(train.train_step, device, warmup=min(log_interval, iters - 1))
-            train.train_step = probe
             try:
-                out_dir = train.train(cfg, stop_at=iters)["out_dir"]  # the networks are freed here
-            finally:
-                train.train_step = probe.step_fn
-            windows = read_rows(Path(out_dir) / "log.csv")
-            secs = [float(w["sec_per_it"]) for w in windows]
-            data = [float(w["data_sec_per_it"]) for w in windows]
-        except Exception as exc:  # noqa: BLE001 - an OOM or a failure is the case's result
-            oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
-            if not oom:
-                traceback.print_exc()
-            row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {str(exc)[:120]}"
+                overrides = synthetic_overrides(config, iters=iters, log_interval=log_interval,
+                                                workers=workers, work_dir=work_dir, name=name,
+                                                given=given) + given
+                cfg = load_experiment(str(REPO_ROOT / config), overrides)
+                row.update(crop="x".join(map(str, cfg.data.crop_size)), batch=cfg.data.batch_size)
+                device = resolve_device(cfg, 0)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                probe = StepProbe(train.train_step, device, warmup=min(log_interval, iters - 1))
+                train.train_step = probe
+                try:
+                    train.train(cfg, stop_at=iters)  # the networks are freed here
+                finally:
+                    train.train_step = probe.step_fn
+            except Exception as exc:  # noqa: BLE001 - an OOM or a failure is the case's result
+                # `timeout` signals the whole process group: a data-loader worker that the signal
+                # ended first makes the loader raise here.
+                if _STOP["requested"]:
+                    raise Stopped() from exc
+                oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
+                if not oom:
+                    traceback.print_exc()
+                row["status"] = "OOM" if oom else f"error: {type(exc).__name__}: {str(exc)[:120]}"
+                return row
+        except Stopped:
+            stopped = True
+        windows = _logged_windows(work_dir)
+    if stopped:
+        done = int(windows[-1]["iteration"]) if windows else 0
+        row["status"] = (f"stopped (time limit) after {done} of {iters} iterations" if windows else
+                         "stopped (time limit) before the first log window")
+        if not windows:
             return row
+    secs = [float(w["sec_per_it"]) for w in windows]
+    data = [float(w["data_sec_per_it"]) for w in windows]
     row.update(windows=len(secs), first_window_sec_per_it=f"{secs[0]:.4g}",
                peak_mem_mib=f"{max(float(w['mem_mib']) for w in windows):.0f}",  # train.py resets per window
                mem_kind="cuda max allocated" if device.type == "cuda" else "peak RSS")
@@ -233,13 +278,16 @@ def run_case(name: str, config: str, extra: Sequence[str], *, iters: int, log_in
     d = timing_from_samples(data[1:] or data, "log windows")
     row.update(sec_per_it=f"{t.median_ms / 1e3:.4g}", p20_s=f"{t.p20_ms / 1e3:.4g}",
                p80_s=f"{t.p80_ms / 1e3:.4g}", data_s=f"{d.median_ms / 1e3:.4g}",
-               status="ok", note="" if secs[1:] else "one log window: includes warm-up")
+               status=row["status"] or "ok", note="" if secs[1:] else "one log window: includes warm-up")
     if probe.syncs:
         row["syncs_per_it"] = f"{statistics.median(probe.syncs):g}"
     late = probe.late_compiles()
     row["late_compiles"] = "" if late is None else late
-    if stability:
+    if stability and (not stopped or len(windows) >= 3):
         status, note, growth = stability_verdict(windows, settle_iter=STABILITY_SETTLE_ITER)
+        if stopped:  # the verdict on the windows so far
+            status = row["status"] if status == "ok" else f"{status}; {row['status']}"
+            note = f"so far: {note}"
         row.update(status=status, note=note, mem_growth_mib="" if math.isnan(growth) else f"{growth:.0f}")
     return row
 
@@ -249,7 +297,8 @@ def run_eval_case(name: str, config: str, extra: Sequence[str], size: Tuple[int,
     """Time the config's inference (`eval.mode`, test-time augmentation as configured) on one
     image of `size` (a random image: the time does not depend on its content): a warm-up call,
     then the median of `reps` calls, and the peak memory. Returns its row."""
-    from cluda.experiment import build_model, make_predict_fn
+    from cluda.build import build_model
+    from cluda.inference import make_predict_fn
     from train import autocast, peak_memory_mib
 
     given = ["--model.pretrained=null"] + list(common) + list(extra)
@@ -387,6 +436,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("need --iters >= 2 and --log-interval >= 1")
     if args.stability is not None and args.stability < 3:
         p.error("--stability needs at least 3 iterations")
+    if not args.cases and args.stability is None:
+        p.error("--cases is empty and no --stability: nothing to run")
     if args.quick:
         args.iters, args.log_interval = min(args.iters, 4), min(args.log_interval, 2)
     return args
@@ -417,30 +468,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         case = "demo_tiny" if args.quick else STABILITY_CASE
         plan.append((f"stability_{case}", case, args.stability,
                      max(1, min(10, args.stability // 10)), True))
+    # SIGTERM (gpu_check.sh's time limits) stops the case in progress with what it measured and
+    # skips the rest; the rows and the Markdown are still written.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    _STOP.update(requested=False, pid=os.getpid())
     start, rows = time.monotonic(), []
-    for row_name, name, iters, interval, stability in plan:
-        if name in EVAL_CASES or name in QUICK_EVAL_CASES:
-            config, extra, size, what = {**EVAL_CASES, **QUICK_EVAL_CASES}[name]
-        else:
-            (config, extra, what), size = {**CASES, **QUICK_CASES}[name], None
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            row = dict(base, case=row_name, config=config, overrides=" ".join(list(common) + list(extra)),
-                       iters=iters, status="skipped (time budget)", note=what)
-        elif size is not None:
-            print(f"== {row_name}: {what} ({config})", flush=True)
-            row = run_eval_case(row_name, config, extra, size, base_row=base,
-                                common=[c for c in common if not c.startswith(("--data.", "--uda."))])
-            row["note"] = "; ".join(x for x in (what, row["note"]) if x)
-        else:
-            print(f"== {row_name}: {what} ({config}, {iters} iterations)", flush=True)
-            row = run_case(row_name, config, extra, iters=iters, log_interval=interval,
-                           workers=workers, base_row=base, common=common, stability=stability)
-            row["note"] = "; ".join(x for x in (what, row["note"]) if x)
-        rows.append(row)
-        append_rows(out / CSV_NAME, [row], COLUMNS)
+    try:
+        for row_name, name, iters, interval, stability in plan:
+            if name in EVAL_CASES or name in QUICK_EVAL_CASES:
+                config, extra, size, what = {**EVAL_CASES, **QUICK_EVAL_CASES}[name]
+            else:
+                (config, extra, what), size = {**CASES, **QUICK_CASES}[name], None
+            skipped = dict(base, case=row_name, config=config, iters=iters, note=what,
+                           overrides=" ".join(list(common) + list(extra)))
+            try:
+                if _STOP["requested"]:
+                    row = dict(skipped, status="skipped (time limit)")
+                elif args.budget_s is not None and time.monotonic() - start > args.budget_s:
+                    row = dict(skipped, status="skipped (time budget)")
+                elif size is not None:
+                    print(f"== {row_name}: {what} ({config})", flush=True)
+                    row = run_eval_case(row_name, config, extra, size, base_row=base,
+                                        common=[c for c in common if not c.startswith(("--data.", "--uda."))])
+                    row["note"] = "; ".join(x for x in (what, row["note"]) if x)
+                else:
+                    print(f"== {row_name}: {what} ({config}, {iters} iterations)", flush=True)
+                    row = run_case(row_name, config, extra, iters=iters, log_interval=interval,
+                                   workers=workers, base_row=base, common=common, stability=stability)
+                    row["note"] = "; ".join(x for x in (what, row["note"]) if x)
+            except Stopped:
+                row = dict(skipped, status="stopped (time limit)")
+            rows.append(row)
+            append_rows(out / CSV_NAME, [row], COLUMNS)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     write_markdown(out)
     print(summary(rows))
-    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows) else 1
+    return 0 if all(r["status"] == "ok" or r["status"].startswith(("skipped", "stopped"))
+                    for r in rows) else 1
 
 
 if __name__ == "__main__":

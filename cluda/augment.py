@@ -9,7 +9,9 @@
 - Strong augmentation of the mixed image (DACS' `strong_transform`): colour jitter of strength
   0.2 (brightness, contrast, saturation, hue, in random order) with probability 0.8 and a gaussian
   blur (sigma ~ U(0.15, 1.15), kernel about 10% of the image side, odd) with probability 0.5,
-  both on the denormalised [0, 1] image, renormalised afterwards.
+  both on the denormalised [0, 1] image, renormalised afterwards. The colour and blur operations
+  are torchvision's functional ones; what DACS adds around them is here: the denormalisation, the
+  kernel-size rule and the draws.
 
 Every random choice is drawn from an explicit CPU `torch.Generator`, so a resumed run that restores
 the generator's state reproduces the same masks and augmentations.
@@ -18,15 +20,12 @@ import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 from cluda.data.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# ITU-R 601 luma weights, the grayscale that contrast and saturation blend towards.
-_LUMA = (0.299, 0.587, 0.114)
 
 
 def _as_label_map(labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -114,84 +113,34 @@ def mix(mask: torch.Tensor, *, source_image: torch.Tensor, target_image: torch.T
     return MixedBatch(image, labels, weights)
 
 
-def _grayscale(img: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) -> (..., 1, H, W) luma."""
-    r, g, b = img.unbind(-3)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(-3)
-
-
-def adjust_brightness(img: torch.Tensor, factor: float) -> torch.Tensor:
-    """Scales intensities of a [0, 1] image by `factor` (1 keeps it), clipped to [0, 1]."""
-    return (img * factor).clamp(0, 1)
-
-
-def adjust_contrast(img: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blends a [0, 1] (3, H, W) image with its mean gray level (factor 0: flat gray, 1: unchanged)."""
-    mean = _grayscale(img).mean(dim=(-3, -2, -1), keepdim=True)
-    return (factor * img + (1 - factor) * mean).clamp(0, 1)
-
-
-def adjust_saturation(img: torch.Tensor, factor: float) -> torch.Tensor:
-    """Blends a [0, 1] image with its grayscale version (factor 0: gray, 1: unchanged)."""
-    return (factor * img + (1 - factor) * _grayscale(img)).clamp(0, 1)
-
-
-def adjust_hue(img: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotates the hue of a [0, 1] RGB image by `shift` turns (in [-0.5, 0.5]), keeping
-    saturation and value: RGB -> HSV, h += shift mod 1, HSV -> RGB."""
-    r, g, b = img.unbind(-3)
-    v, _ = img.max(dim=-3)
-    chroma = v - img.min(dim=-3).values
-    safe_c = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    # Hue in sixths of a turn, from the channel that holds the maximum (red wins ties, then green).
-    h6 = torch.where(v == r, torch.remainder((g - b) / safe_c, 6.0),
-                     torch.where(v == g, (b - r) / safe_c + 2.0, (r - g) / safe_c + 4.0))
-    h6 = torch.where(chroma > 0, h6, torch.zeros_like(h6))
-    h6 = torch.remainder(h6 + 6.0 * shift, 6.0)
-    # HSV -> RGB in closed form: channel n in (R, G, B) = (5, 3, 1) is v - C * clip(min(k, 4 - k), 0, 1)
-    # with k = (n + h6) mod 6 and C = v - min (the chroma, unchanged by a hue rotation).
-    out = []
-    for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + h6, 6.0)
-        out.append(v - chroma * torch.minimum(k, 4.0 - k).clamp(0, 1))
-    return torch.stack(out, dim=-3)
-
-
 def blur_kernel_size(side: int) -> int:
     """DACS' blur kernel: about 10% of the image side, rounded to an odd size
-    (ceil(0.1 * side), minus one if even)."""
+    (ceil(0.1 * side), minus one if even).
+
+    DACS / DAFormer size the kernel from the image, not from sigma; torchvision's
+    GaussianBlur takes the size as given, so the rule lives here."""
     k = math.ceil(0.1 * side)
     return k if k % 2 == 1 else k - 1
 
 
-def gaussian_blur(img: torch.Tensor, *, sigma: float, kernel_size: Sequence[int]) -> torch.Tensor:
-    """Separable gaussian blur of (..., C, H, W) images with reflect padding.
+def _colour_jitter(img: torch.Tensor, *, factors: Sequence[float], order: Sequence[int]) -> torch.Tensor:
+    """torchvision's brightness, contrast, saturation and hue adjustments of one [0, 1] (3, H, W)
+    image, in the given order.
+
+    torchvision's `ColorJitter` draws its factors and order from torch's global RNG; the factors
+    and the order come from the caller here, drawn from the step's generator, so a resumed run
+    repeats them.
 
     Args:
-        img: (C, H, W) or (B, C, H, W) float images.
-        sigma: standard deviation of the gaussian in pixels (> 0).
-        kernel_size: (kh, kw) odd kernel sizes.
+        img: (3, H, W) image in [0, 1].
+        factors: (brightness, contrast, saturation, hue): the first three multiplicative
+            (1 = unchanged), the hue shift in turns (in [-0.5, 0.5]).
+        order: a permutation of (0, 1, 2, 3) indexing `factors`.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    kh, kw = kernel_size
-    if kh % 2 == 0 or kw % 2 == 0 or kh < 1 or kw < 1:
-        raise ValueError(f"kernel sizes must be odd and positive, got {tuple(kernel_size)}")
-    squeeze = img.dim() == 3
-    x = img.unsqueeze(0) if squeeze else img
-    c = x.shape[1]
-
-    def taps(k: int) -> torch.Tensor:
-        t = torch.arange(k, dtype=torch.float32, device=img.device) - (k - 1) / 2
-        w = torch.exp(-0.5 * (t / sigma) ** 2)
-        return (w / w.sum()).to(img.dtype)
-
-    # Rows then columns as depthwise convolutions: (C, 1, kh, 1) and (C, 1, 1, kw).
-    x = F.pad(x, (0, 0, kh // 2, kh // 2), mode="reflect") if kh > 1 else x
-    x = F.conv2d(x, taps(kh).view(1, 1, kh, 1).expand(c, 1, kh, 1), groups=c)
-    x = F.pad(x, (kw // 2, kw // 2, 0, 0), mode="reflect") if kw > 1 else x
-    x = F.conv2d(x, taps(kw).view(1, 1, 1, kw).expand(c, 1, 1, kw), groups=c)
-    return x[0] if squeeze else x
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for i in order:
+        img = ops[i](img, factors[i])
+    return img
 
 
 def strong_augment(images: torch.Tensor, *, generator: Optional[torch.Generator] = None,
@@ -237,16 +186,19 @@ def strong_augment(images: torch.Tensor, *, generator: Optional[torch.Generator]
     for img in images:
         # Draw every number for this image up front, so the generator advances by the same amount
         # whichever branches are taken: u = (jitter?, brightness, contrast, saturation, hue, blur?, sigma).
+        # One draw per image, not per batch: each mixed image is augmented independently.
         u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
         order = torch.randperm(4, generator=generator).tolist()
-        x = img * std_t + mean_t  # (3, H, W) in [0, 1]
+        # torchvision's colour ops assume [0, 1] images: jitter and blur the denormalised image.
+        x = img * std_t + mean_t  # (3, H, W)
         if u[0] < jitter_p:
             factors = (1 - s + 2 * s * u[1], 1 - s + 2 * s * u[2], 1 - s + 2 * s * u[3], -s + 2 * s * u[4])
-            x = x.clamp(0, 1)
-            ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-            for i in order:
-                x = ops[i](x, factors[i])
+            # torchvision's colour ops expect [0, 1] input (the hue's HSV round trip, the mean gray
+            # of contrast); denormalising can leave values a rounding error outside it.
+            x = _colour_jitter(x.clamp(0, 1), factors=factors, order=order)
         if u[5] < blur_p and max(kernel) > 1:
-            x = gaussian_blur(x, sigma=lo + (hi - lo) * u[6], kernel_size=kernel)
+            sigma = lo + (hi - lo) * u[6]
+            # torchvision takes the kernel as [width, height].
+            x = TF.gaussian_blur(x, kernel_size=[kernel[1], kernel[0]], sigma=[sigma, sigma])
         out.append((x - mean_t) / std_t)
     return torch.stack(out)

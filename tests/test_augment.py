@@ -1,14 +1,13 @@
-"""Tests of cluda.augment: ClassMix masks and mixing, colour jitter / blur against torchvision's
-functional ops, and the reproducibility of the strong augmentation under a generator."""
+"""Tests of cluda.augment: ClassMix masks and mixing; the strong augmentation against torchvision's
+functional ops with DACS' draws, probabilities, sigma range and kernel size; its reproducibility
+under a generator."""
 import math
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from cluda.augment import (IMAGENET_MEAN, IMAGENET_STD, adjust_brightness, adjust_contrast, adjust_hue,
-                           adjust_saturation, blur_kernel_size, class_mix_masks, gaussian_blur, mix,
-                           strong_augment)
+from cluda.augment import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size, class_mix_masks, mix, strong_augment
 from cluda.data.labels import IGNORE_INDEX
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -74,36 +73,77 @@ def test_mix_images_labels_and_weights_are_consistent():
             pseudo_weights=pw[:, :5])
 
 
-def test_colour_ops_match_torchvision():
+def _torchvision_reference(images, generator, *, s=0.2, jitter_p=0.8, blur_p=0.5, sigma=(0.15, 1.15)):
+    """The strong augmentation built from torchvision's functional ops, drawing from `generator`
+    what strong_augment draws: per image 7 uniforms and an order of the four colour ops."""
+    h, w = images.shape[-2:]
+    kh = int(math.floor(math.ceil(0.1 * h) - 0.5 + math.ceil(0.1 * h) % 2))  # DACS' formula
+    kw = int(math.floor(math.ceil(0.1 * w) - 0.5 + math.ceil(0.1 * w) % 2))
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    out = []
+    for img in images:
+        u = torch.rand(7, generator=generator, dtype=torch.float64).tolist()
+        order = torch.randperm(4, generator=generator).tolist()
+        x = img * STD[0] + MEAN[0]
+        if u[0] < jitter_p:
+            x = x.clamp(0, 1)  # torchvision's colour ops take [0, 1] images
+            factors = [1 + s * (2 * u[1] - 1), 1 + s * (2 * u[2] - 1), 1 + s * (2 * u[3] - 1), s * (2 * u[4] - 1)]
+            for i in order:
+                x = ops[i](x, factors[i])
+        if u[5] < blur_p:
+            sd = sigma[0] + (sigma[1] - sigma[0]) * u[6]
+            x = TF.gaussian_blur(x, kernel_size=[kw, kh], sigma=[sd, sd])
+        out.append((x - MEAN[0]) / STD[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("jitter_p, blur_p", [(1.0, 0.0), (0.0, 1.0), (0.8, 0.5)])
+def test_strong_augment_is_torchvision_jitter_and_blur_around_the_denormalisation(jitter_p, blur_p):
+    # H != W: the kernel is (3, 7); torchvision takes it as [width, height]. Pixels a little outside
+    # [0, 1] (as rounding leaves them) are clamped before the jitter.
     gen = torch.Generator().manual_seed(5)
-    img = torch.rand(3, 9, 11, generator=gen)
-    for factor in (0.8, 1.17):
-        torch.testing.assert_close(adjust_brightness(img, factor), TF.adjust_brightness(img, factor))
-        # torchvision's luma weights are 0.2989 / 0.587 / 0.114, ours the exact ITU-R 601 0.299.
-        torch.testing.assert_close(adjust_contrast(img, factor), TF.adjust_contrast(img, factor),
-                                   atol=1e-3, rtol=0)
-        torch.testing.assert_close(adjust_saturation(img, factor), TF.adjust_saturation(img, factor),
-                                   atol=1e-3, rtol=0)
-    for shift in (-0.2, 0.13, 0.5):
-        torch.testing.assert_close(adjust_hue(img, shift), TF.adjust_hue(img, shift), atol=1e-5, rtol=0)
-    # Gray pixels have no hue: a hue shift leaves them alone.
-    gray = torch.rand(1, 4, 4, generator=gen).expand(3, 4, 4)
-    torch.testing.assert_close(adjust_hue(gray, 0.3), gray)
+    images = (torch.rand(6, 3, 40, 64, generator=gen) * 1.2 - 0.1 - MEAN) / STD
+    got = strong_augment(images, generator=torch.Generator().manual_seed(6), jitter_p=jitter_p, blur_p=blur_p)
+    want = _torchvision_reference(images, torch.Generator().manual_seed(6), jitter_p=jitter_p, blur_p=blur_p)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got, images, atol=1e-3)
 
 
-def test_blur_matches_torchvision_and_kernel_size_rule():
-    gen = torch.Generator().manual_seed(6)
-    img = torch.rand(2, 3, 20, 31, generator=gen)
-    out = gaussian_blur(img, sigma=0.9, kernel_size=(3, 5))
-    torch.testing.assert_close(out, TF.gaussian_blur(img, kernel_size=[5, 3], sigma=[0.9, 0.9]))
+def test_jitter_and_blur_are_drawn_per_image_with_their_probabilities():
+    images = _normalised_images(160, 21, 21, torch.Generator().manual_seed(12))  # kernel 3 x 3
+    for kwargs, p in ((dict(jitter_p=0.8, blur_p=0.0), 0.8), (dict(jitter_p=0.0, blur_p=0.5), 0.5)):
+        out = strong_augment(images, generator=torch.Generator().manual_seed(13), **kwargs)
+        changed = (out - images).flatten(1).abs().amax(1) > 1e-4
+        # binomial(160, p): sd <= 0.04. One draw per batch would give 0 or 1.
+        assert abs(changed.float().mean().item() - p) < 0.15, (kwargs, changed.float().mean().item())
+
+
+def test_blur_sigma_lies_in_its_range_and_varies():
+    # A single white pixel on black, blurred only: the centre keeps more of it the smaller sigma is.
+    img01 = torch.zeros(40, 3, 31, 31)
+    img01[:, :, 15, 15] = 1
+    images = (img01 - MEAN) / STD
+    out = strong_augment(images, generator=torch.Generator().manual_seed(14), jitter_p=0.0, blur_p=1.0)
+    centre = (out * STD + MEAN)[:, 0, 15, 15]
+    k = blur_kernel_size(31)
+    wide = TF.gaussian_blur(img01[0], kernel_size=[k, k], sigma=[1.15, 1.15])[0, 15, 15]
+    narrow = TF.gaussian_blur(img01[0], kernel_size=[k, k], sigma=[0.15, 0.15])[0, 15, 15]
+    assert torch.all(centre >= wide - 1e-6) and torch.all(centre <= narrow + 1e-6)
+    assert centre.max() - centre.min() > 0.1 * (narrow - wide)
+    # a fixed range pins sigma
+    fixed = strong_augment(images[:2], generator=torch.Generator().manual_seed(15), jitter_p=0.0, blur_p=1.0,
+                           blur_sigma=(0.7, 0.7))
+    torch.testing.assert_close(fixed * STD + MEAN, TF.gaussian_blur(img01[:2], kernel_size=[k, k], sigma=[0.7, 0.7]),
+                               atol=1e-6, rtol=0)
+
+
+def test_blur_kernel_size_rule():
     # DACS: floor(ceil(0.1 s) - 0.5 + ceil(0.1 s) % 2).
     for side in (1, 9, 10, 11, 64, 91, 95, 100, 512, 1024):
         c = math.ceil(0.1 * side)
         assert blur_kernel_size(side) == int(math.floor(c - 0.5 + c % 2))
         assert blur_kernel_size(side) % 2 == 1
     assert blur_kernel_size(512) == 51
-    with pytest.raises(ValueError, match="odd"):
-        gaussian_blur(img, sigma=1.0, kernel_size=(4, 3))
 
 
 def test_strong_augment_reproducible_changes_image_keeps_range():

@@ -2,6 +2,9 @@
 records a failure as a row, and reports CLUDA's cost side by side. No timing is asserted."""
 import csv
 import dataclasses
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -124,3 +127,100 @@ def test_a_failing_case_is_a_row(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ts.parse_args(["--cases", "nope"])
     assert "unknown case" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--cases", ""])
+    assert "nothing to run" in capsys.readouterr().err
+    assert ts.parse_args(["--cases", "", "--stability", "5"]).cases == []
+
+
+def test_sigterm_stops_the_run_and_keeps_what_it_measured(tmp_path, monkeypatch):
+    """What gpu_check.sh's time limit does (`timeout` sends SIGTERM): the case in progress ends
+    with the windows it logged, the stability verdict is taken on those, the cases after it are
+    skipped, and the rows and the Markdown are written."""
+    import train
+
+    real_step = train.train_step
+
+    def sigterm_in_step(k):
+        """train_step that sends SIGTERM to this process inside its k-th call (after the step's
+        work, before its logs reach train.py: that iteration's window is not written)."""
+        calls = []
+
+        def step(**kw):
+            logs = real_step(**kw)
+            calls.append(1)
+            if len(calls) == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return logs
+        return step
+
+    before = signal.getsignal(signal.SIGTERM)
+    # In demo_tiny's 3rd step (of 4, log windows of 2 iterations): its first window is kept, the
+    # next cases are skipped.
+    monkeypatch.setattr(train, "train_step", sigterm_in_step(3))
+    code = ts.main(["--quick", "--out", str(tmp_path), "--stability", "12"])
+    assert signal.getsignal(signal.SIGTERM) is before  # main restores the handler it replaced
+    rows = _rows(tmp_path / ts.CSV_NAME)
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("demo_tiny", "stopped (time limit) after 2 of 4 iterations"),
+        ("demo_tiny_no_cl", "skipped (time limit)"), ("eval_demo_tiny", "skipped (time limit)"),
+        ("stability_demo_tiny", "skipped (time limit)")]
+    assert rows[0]["windows"] == "1" and float(rows[0]["sec_per_it"]) > 0
+    assert code == 0 and "| demo_tiny |" in (tmp_path / ts.MD_NAME).read_text()
+
+    # The stability run stopped in its 4th step (windows of 1 iteration): a verdict on 3 windows.
+    monkeypatch.setattr(train, "train_step", sigterm_in_step(4))
+    out = tmp_path / "stability"
+    code = ts.main(["--quick", "--cases", "", "--stability", "12", "--out", str(out)])
+    [row] = _rows(out / ts.CSV_NAME)
+    assert "stopped (time limit) after 3 of 12 iterations" in row["status"], row
+    assert row["windows"] == "3" and "so far: loss" in row["note"]
+    assert code == (0 if row["status"].startswith("stopped") else 1)
+
+
+@pytest.mark.slow
+def test_gpu_check_train_dry_run(tmp_path):
+    """bench/gpu_check.sh --train --dry-run on the CPU: the training cases with the inference case,
+    then the stability run, in one call; the training table printed last."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--train", "--dry-run"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    rows = _rows(tmp_path / ts.CSV_NAME)
+    assert [r["case"] for r in rows] == ["demo_tiny", "demo_tiny_no_cl", "eval_demo_tiny",
+                                         "stability_demo_tiny"], out.stdout[-3000:] + out.stderr[-3000:]
+    assert [r["status"] for r in rows[:3]] == ["ok", "ok", "ok"]
+    stability = rows[3]
+    assert stability["iters"] == "4" and stability["status"].startswith(("ok", "unstable"))
+    # An unstable verdict (4 iterations of a tiny demo need not lower the loss) fails the call.
+    assert out.returncode == (0 if stability["status"] == "ok" else 1), out.stdout[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "train_steps.csv",
+                                                          "train_steps.md"]
+    log = (tmp_path / "gpu_check.log").read_text()
+    for step in ("env", "train_steps", "stability"):
+        assert f"==================== {step}.log" in log
+    assert "mode: train" in log and "pytest_gpu.log" not in log
+    tail = out.stdout.strip().splitlines()
+    assert "training cases: ok; stability run (4 iterations): " in out.stdout
+    assert tail[-5].startswith("case") and tail[-1].startswith("stability_demo_tiny")
+    both = subprocess.run(["bash", "bench/gpu_check.sh", "--train", "--kernel", "--dry-run"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "pick one" in both.stderr
+
+
+@pytest.mark.slow
+def test_timeout_stops_a_run_with_loader_workers(tmp_path):
+    """`timeout` signals the whole process group, data-loader workers included (as gpu_check.sh's
+    time limits do on the GPU machine): the run still ends by itself, before the SIGKILL, with a
+    "stopped" row. (The loader's iterator may still report its killed workers, ignored, from
+    `__del__` on stderr.)"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = ["timeout", "--signal=TERM", "--kill-after=60", "40", sys.executable, "-m",
+           "bench.train_steps", "--quick", "--cases", "", "--stability", "1000", "--workers", "2",
+           "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 124, out.stdout[-3000:] + out.stderr[-3000:]  # 137: it had to be killed
+    [row] = _rows(tmp_path / ts.CSV_NAME)
+    assert row["case"] == "stability_demo_tiny" and row["status"].startswith("stopped (time limit)")
+    assert (tmp_path / ts.MD_NAME).exists()
+    assert out.stdout.strip().splitlines()[-1].startswith("stability_demo_tiny")

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluda.data.io import read_image, read_label, write_png16, write_png_atomic
+from cluda.data.io import read_image, read_label, write_png_atomic
+from png16 import write_png16
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

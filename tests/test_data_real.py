@@ -11,10 +11,11 @@ from PIL import Image
 
 from cluda.data import prepare as prep
 from cluda.data.datasets import CityscapesDataset, GTADataset, SynthiaDataset, list_cityscapes
-from cluda.data.io import read_label, write_png16
+from cluda.data.io import read_label
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, SYNTHIA_ID_TO_TRAINID
 from cluda.data.rcs import load_class_stats
 from cluda.data.transforms import denormalize, train_transform
+from png16 import write_png16
 
 H, W = 12, 20
 CS_IDS = np.arange(34)  # every Cityscapes label id, void ones included

@@ -1,10 +1,13 @@
 """build_backbone: MiT and timm encoders, local weights, offline behaviour, errors; the frozen copy."""
 import math
+import re
 import time
 
 import pytest
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from safetensors.torch import save_file
 from torch import nn
 
 from cluda.models import backbones
@@ -52,25 +55,48 @@ def test_swin_nhwc_features_become_nchw_at_any_size():
     torch.testing.assert_close(outs[2], raw[2].permute(0, 3, 1, 2))
 
 
-def test_timm_local_checkpoint_loads_with_wrapper_and_prefix(tmp_path):
+@pytest.mark.parametrize("layout", ["wrapped_module_pth", "backbone_safetensors"])
+def test_timm_local_checkpoint_loads_with_wrapper_and_prefix(tmp_path, layout):
     torch.manual_seed(2)
     source = timm.create_model("resnet10t")
-    path = tmp_path / "resnet10t.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    state = source.state_dict()
+    if layout == "wrapped_module_pth":  # DataParallel training checkpoint
+        path = tmp_path / "resnet10t.pth"
+        torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    else:  # a segmentation checkpoint: the encoder under backbone., next to its head
+        path = tmp_path / "segmentor.safetensors"
+        flat = {"backbone." + k: v.contiguous() for k, v in state.items()}
+        flat["decode_head.conv_seg.weight"] = torch.randn(19, 8, 1, 1)
+        save_file(flat, str(path))
     enc = build_backbone("resnet10t", pretrained=path).eval()
     torch.testing.assert_close(enc.model.layer3[0].conv2.weight, source.layer3[0].conv2.weight)
+    torch.testing.assert_close(enc.model.layer1[0].bn1.running_var, source.layer1[0].bn1.running_var)
     x = torch.randn(1, 3, 64, 80)
     source.eval()
     torch.testing.assert_close(enc(x)[-1], source.forward_features(x))
+    # The source is recorded, the handed-over weights are not kept a second time in the config,
+    # and no load hook is left on the model.
+    assert enc.model.pretrained_cfg["file"] == str(path)
+    assert all("state_dict" not in (getattr(m, "pretrained_cfg", None) or {}) for m in enc.modules())
+    assert not any(m._load_state_dict_post_hooks for m in enc.modules())
 
 
 def test_swin_checkpoint_loads_at_another_crop_size(tmp_path):
     torch.manual_seed(3)
     source = timm.create_model(SWIN)  # built for 224, window 7
+    # Saved as Microsoft's Swin release files are: under "model", each stage's patch merging at the
+    # end of the stage before, the classifier as head.*. timm's checkpoint filter converts the layout
+    # (head.* -> head.fc.*, which the features model then drops).
+    original = {}
+    for k, v in source.state_dict().items():
+        k = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+        original[k.replace("head.fc.", "head.")] = v
+    assert "head.weight" in original and "layers.0.downsample.reduction.weight" in original
     path = tmp_path / "swin.pth"
-    torch.save(source.state_dict(), path)
+    torch.save({"model": original}, path)
     enc = build_backbone(SWIN, img_size=96, pretrained=path)  # last stage is 3x3: window shrinks to 3
     torch.testing.assert_close(enc.model.layers_2.blocks[1].mlp.fc2.weight, source.layers[2].blocks[1].mlp.fc2.weight)
+    torch.testing.assert_close(enc.model.layers_2.downsample.reduction.weight, source.layers[2].downsample.reduction.weight)
     assert enc.model.layers_3.blocks[0].attn.relative_position_bias_table.shape[0] == 5 * 5
 
 
@@ -108,6 +134,7 @@ def test_unknown_backbone_suggests_close_names():
 
 def test_offline_download_fails_fast_with_a_local_path_hint(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     probed = []
 
     def unreachable(host):
@@ -122,8 +149,27 @@ def test_offline_download_fails_fast_with_a_local_path_hint(monkeypatch):
     assert time.monotonic() - start < 10
 
 
+def test_hub_offline_mode_uses_the_cache_and_fails_at_once_on_a_miss(monkeypatch, tmp_path):
+    # HF_HUB_OFFLINE=1 as the hub client reads it (at import): no probe, timm asks the local cache,
+    # which here is empty.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def no_probe(host):
+        raise AssertionError(f"probed {host} in offline mode")
+
+    monkeypatch.setattr(backbones, "_host_reachable", no_probe)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="could not fetch pretrained weights for 'resnet10t'") as err:
+        build_backbone("resnet10t", pretrained=True)
+    assert "pretrained='/path/to/weights.pth'" in str(err.value)
+    assert time.monotonic() - start < 10
+
+
 def test_failed_download_is_reported_with_a_local_path_hint(monkeypatch):
     # the host answers but the download itself fails (proxy, missing file, ...)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(backbones, "_host_reachable", lambda host: True)
 
     def refuse(*args, **kwargs):

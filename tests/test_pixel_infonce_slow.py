@@ -71,7 +71,7 @@ def test_triton_path_memory_stays_under_four_times_the_features():
     buffers."""
     results = _run("""
         import json, torch
-        from bench.bench_pixel_infonce import standin_memory
+        from bench.pixel_infonce.standin import standin_memory
         print(json.dumps({name: standin_memory(65536, 256, getattr(torch, name))
                           for name in ("bfloat16", "float32")}))
     """)

@@ -14,10 +14,10 @@ import cluda.predict as pr
 from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
 from cluda.build import build_val_dataset
 from cluda.config import load_experiment
-from cluda.data.io import write_png16
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, colorize, lookup_table
 from cluda.data.transforms import denormalize, normalize, rescale
 from cluda.inference import make_predict_fn, predict_probs
+from png16 import write_png16
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,9 +19,9 @@ import cluda.evaluate as ev
 import cluda.predict as pr
 import train
 from cli_helpers import one_thread  # noqa: F401
-from cluda.data.io import write_png16
 from cluda.errors import (CheckpointError, DataError, OutputError, describe, is_user_error,
                           run_cli)
+from png16 import write_png16
 from test_train import tiny_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,7 +28,6 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import _builder as timm_builder
 from torch import nn
 
 from .weights import PathLike, check_keys, read_state_dict
@@ -193,8 +192,9 @@ def _create_timm_downloaded(name: str, cfg, kwargs: Dict[str, object]) -> nn.Mod
         raise ValueError(f"timm has no pretrained weights for {name!r}; {hint}")
     host = _weights_host(cfg)
     # Without this probe an offline machine spends about a minute in the hub client's retries.
-    # HF_HUB_OFFLINE=1 means "use the local hub cache": let timm try it.
-    if host is not None and not os.environ.get("HF_HUB_OFFLINE") and not _host_reachable(host):
+    # HF_HUB_OFFLINE=1 means "use the local hub cache": let timm try it (a cache miss fails at once).
+    from_cache = bool(cfg.hf_hub_id) and _hub_offline()
+    if host is not None and not from_cache and not _host_reachable(host):
         raise RuntimeError(f"cannot download pretrained weights for {name!r}: {host} is unreachable (offline?); {hint}")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
@@ -206,18 +206,24 @@ def _create_timm_downloaded(name: str, cfg, kwargs: Dict[str, object]) -> nn.Mod
 
 def _create_timm_from_file(name: str, path: str, kwargs: Dict[str, object]) -> nn.Module:
     state = read_state_dict(path)
-    # `file` makes timm take the pretrained branch and records the source in model.pretrained_cfg;
-    # the tensors themselves are handed over inside `_timm_load_from` (no second read of the file).
-    with _timm_load_from(state) as loads:
+    # timm's pretrained path runs the architecture's checkpoint filter (e.g. Swin's relative-position
+    # tables resized to the chosen window, original checkpoints' key layout converted) before the
+    # features_only wrapper renames modules; `state_dict` outranks `file`, which records the source.
+    overlay = dict(state_dict=state, file=path)
+    with _recorded_loads() as loads:
         try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         except RuntimeError as err:  # torch's shape-mismatch report
             raise ValueError(f"checkpoint {path!r} does not fit timm model {name!r}: {err}") from err
         except TypeError as err:
             raise ValueError(f"timm model {name!r} does not accept the options {sorted(kwargs)}: {err}") from err
+    _drop_state_dict_copies(model)
     if not loads:
         raise ValueError(f"timm did not load checkpoint {path!r} into {name!r}")
-    missing, unexpected, classifiers = loads[-1]
+    missing, unexpected = loads[-1]
+    cfg = timm.models.get_pretrained_cfg(name)
+    classifiers = (cfg.classifier if cfg is not None else None) or ()
+    classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
     # A features_only model is built with its classifier; timm drops the checkpoint's classifier
     # and loads non-strictly, reporting the classifier (and anything else) as missing.
     missing = [k for k in missing if not any(k.startswith(c + ".") for c in classifiers)]
@@ -227,43 +233,45 @@ def _create_timm_from_file(name: str, path: str, kwargs: Dict[str, object]) -> n
 
 
 @contextlib.contextmanager
-def _timm_load_from(state: Dict[str, torch.Tensor]) -> Iterator[List[Tuple[List[str], List[str], Tuple[str, ...]]]]:
-    """Make timm's pretrained load inside the block use `state`, and record what it could not match.
+def _recorded_loads() -> Iterator[List[Tuple[List[str], List[str]]]]:
+    """Record the missing and unexpected keys of each `load_state_dict` into modules built in the block.
 
-    Two things timm's public options do not give: (1) handing over an in-memory state dict without
-    copies (`pretrained_cfg_overlay=dict(state_dict=...)` deep-copies it twice and keeps a copy in
-    `model.pretrained_cfg`); (2) the missing keys, which timm only logs because it loads a
-    features_only model non-strictly. Both need the model timm builds internally, hence a
-    temporary wrapper around `timm.models._builder.load_pretrained` that passes `state` as the
-    highest-priority source and attaches a load_state_dict post-hook. timm's checkpoint filter
-    (e.g. Swin's relative-position resizing) still runs.
+    timm loads a features_only model's pretrained weights non-strictly (it drops the classifier)
+    and only logs what did not match, and the model is not reachable until `timm.create_model`
+    returns. torch's global module-registration hook sees every submodule as it is built; a
+    load_state_dict post-hook on each receives that load's missing / unexpected key lists (one
+    pair shared by the whole tree, complete once the load returns). Both hooks are removed on exit.
 
-    Yields a list that receives (missing keys, unexpected keys, classifier names) per load.
+    Yields a list that receives (missing keys, unexpected keys) per load, in call order.
     """
-    records: List[Tuple[List[str], List[str], Tuple[str, ...]]] = []
-    original = timm_builder.load_pretrained
+    records: List[Tuple[List[str], List[str]]] = []
+    handles = []
 
-    def load_and_record(model: nn.Module, pretrained_cfg: Optional[Dict] = None, *args, **kwargs):
-        cfg = dict(pretrained_cfg or getattr(model, "pretrained_cfg", None) or {})
-        cfg["state_dict"] = state
-        cfg.pop("source", None)  # 'hf-hub' would outrank the state dict
-        classifiers = cfg.get("classifier") or ()
-        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+    def record(module: nn.Module, keys) -> None:
+        if not any(missing is keys.missing_keys for missing, _ in records):
+            records.append((keys.missing_keys, keys.unexpected_keys))
 
-        def hook(module: nn.Module, keys) -> None:
-            records.append((list(keys.missing_keys), list(keys.unexpected_keys), classifiers))
+    def hook_child(parent: nn.Module, name: str, child: Optional[nn.Module]) -> None:
+        if child is not None:
+            handles.append(child.register_load_state_dict_post_hook(record))
 
-        handle = model.register_load_state_dict_post_hook(hook)
-        try:
-            return original(model, cfg, *args, **kwargs)
-        finally:
-            handle.remove()
-
-    timm_builder.load_pretrained = load_and_record
+    registration = torch.nn.modules.module.register_module_module_registration_hook(hook_child)
     try:
         yield records
     finally:
-        timm_builder.load_pretrained = original
+        registration.remove()
+        for handle in handles:
+            handle.remove()
+
+
+def _drop_state_dict_copies(model: nn.Module) -> None:
+    """timm keeps copies of a `state_dict` overlay in the model's pretrained_cfg (the features
+    wrapper's, and the wrapped model's where it is kept): a second and third copy of the weights."""
+    for module in model.modules():
+        for attr in ("pretrained_cfg", "default_cfg"):
+            cfg = getattr(module, attr, None)
+            if isinstance(cfg, dict):
+                cfg.pop("state_dict", None)
 
 
 def _weights_host(cfg) -> Optional[str]:
@@ -277,6 +285,15 @@ def _weights_host(cfg) -> Optional[str]:
     if cfg.url:
         return urlparse(cfg.url).hostname
     return None
+
+
+def _hub_offline() -> bool:
+    """The Hugging Face hub client's offline mode (HF_HUB_OFFLINE, as the client parses it)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _host_reachable(host: str) -> bool:
