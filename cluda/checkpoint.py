@@ -1,7 +1,8 @@
 """Checkpoint files: `save_checkpoint` (atomic), `load_checkpoint` (clear errors for a missing,
 truncated or foreign file), the config stored in one, and `load_model_from_checkpoint`, the one
 loader of a trained network (`train.py --eval-only`, `python -m cluda.evaluate`, `python -m
-cluda.predict`).
+cluda.predict`); `save_training_state` / `restore_training_state` for `train.py`'s checkpoints
+and resume.
 
 A checkpoint written by `train.py` is a dict read back with `torch.load(weights_only=True)`:
 "format" (`CHECKPOINT_FORMAT`), "config" (the resolved config as a plain dict), "iteration"
@@ -21,13 +22,16 @@ from torch import nn
 from cluda.build import build_model
 from cluda.config import (Config, ConfigError, apply_overrides, from_dict, load_experiment,
                           parse_overrides, to_dict, validate)
+from cluda.device import rng_states, set_rng_states
 from cluda.errors import CheckpointError
 from cluda.fileio import atomic_open
 from cluda.models.weights import load_state_checked
+from cluda.optim import restore_optimizer
 from cluda.runs import flatten
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "config_from_checkpoint",
-           "model_config_differences", "load_model_from_checkpoint"]
+           "model_config_differences", "load_model_from_checkpoint", "save_training_state",
+           "restore_training_state"]
 
 CHECKPOINT_FORMAT = "cluda-checkpoint-v1"
 
@@ -170,3 +174,35 @@ def load_model_from_checkpoint(path: Union[str, os.PathLike], *,
     info = {"checkpoint": path, "iteration": int(iteration) if iteration is not None else -1,
             "weights": weights, "model_differences": diffs}
     return model.eval(), cfg, info
+
+
+def save_training_state(path: str, *, cfg: Config, it_next: int, student: nn.Module,
+                        teacher: nn.Module | None, optimizer: torch.optim.Optimizer, scheduler,
+                        best: Dict[str, Any], evaluated: bool = True) -> None:
+    """Save the training state after `it_next` iterations (atomically): the config, the student,
+    the teacher, the optimiser and schedule, the RNG states, the best evaluation so far.
+    `evaluated`: False when the file is written before that iteration's evaluation (a resume
+    runs it first)."""
+    save_checkpoint(path, {
+        "config": to_dict(cfg), "iteration": it_next, "student": student.state_dict(),
+        "teacher": None if teacher is None else teacher.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "rng": rng_states(), "best": best, "evaluated": evaluated})
+
+
+def restore_training_state(state: Dict[str, Any], *, path: str, student: nn.Module,
+                           teacher: nn.Module | None, optimizer: torch.optim.Optimizer,
+                           scheduler) -> Dict[str, Any] | None:
+    """Put a checkpoint's training state back: the student and teacher (checked key by key; a
+    source-only checkpoint starts the teacher from its student), the optimiser's moments with the
+    current config's hyperparameters and schedule (`cluda.optim.restore_optimizer`), the RNG
+    states. Returns the checkpoint's best evaluation (None if it has none)."""
+    start_iter = int(state["iteration"])
+    load_state_checked(student, state["student"], what=f"checkpoint {path} (student)")
+    if teacher is not None and state.get("teacher") is not None:
+        load_state_checked(teacher, state["teacher"], what=f"checkpoint {path} (teacher)")
+    elif teacher is not None:
+        teacher.load_state_dict(student.state_dict())
+    restore_optimizer(optimizer, scheduler, state, start_iter)
+    set_rng_states(state["rng"])
+    return dict(state["best"]) if state.get("best") else None

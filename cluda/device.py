@@ -1,19 +1,23 @@
-"""Where and how a run computes: the device, the processes (torchrun), the precision and the
-determinism of the kernels. Shared by `train.py` and the command lines, so that an evaluation
+"""Where and how a run computes: the device, the processes (torchrun), the precision, the
+determinism of the kernels and the random streams (seeds as pure functions of (seed, iteration,
+rank), the RNG states a checkpoint stores). Shared by `train.py` and the command lines, so that an evaluation
 during training and one of a checkpoint run alike.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Tuple
+import random
+from typing import Dict, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from cluda.config import Config, ConfigError
 
-__all__ = ["resolve_device", "setup_distributed", "backend_settings", "autocast"]
+__all__ = ["resolve_device", "setup_distributed", "backend_settings", "autocast", "check_amp",
+           "broadcast_buffers", "step_seed", "seed_iteration", "rng_states", "set_rng_states"]
 
 
 def resolve_device(cfg: Config, local_rank: int = 0, *, training: bool = False) -> torch.device:
@@ -90,3 +94,51 @@ def autocast(cfg: Config, device: torch.device):
     if device.type == "cuda" and cfg.train.amp:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def check_amp(cfg: Config, device: torch.device) -> None:
+    """`train.amp` trains in bfloat16, which needs compute capability 8.0 or newer (A100, RTX 30
+    and later): older GPUs emulate it slowly and the Triton kernels cannot compile it for them."""
+    if device.type != "cuda" or not cfg.train.amp:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise ConfigError(f"train.amp trains in bfloat16, which {torch.cuda.get_device_name(device)} "
+                          f"(compute capability {major}.{minor}) lacks: it needs 8.0 or newer (A100, "
+                          "RTX 30 and later); set --train.amp=false to train in float32")
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does this before each forward;
+    doing it before the EMA update too keeps the teachers identical across ranks, and before
+    evaluating / saving makes the evaluated and saved student the same on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
+def step_seed(seed: int, it: int, rank: int = 0, stream: int = 0) -> int:
+    """A 63-bit seed that is a function of (seed, iteration, rank, stream) only (numpy's
+    SeedSequence hashing, so nearby tuples give unrelated seeds)."""
+    assert min(seed, it, rank, stream) >= 0, (seed, it, rank, stream)
+    state = np.random.SeedSequence([int(seed), int(it), int(rank), int(stream)]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def seed_iteration(seed: int, it: int, rank: int) -> None:
+    """Seed the global RNGs (dropout, drop path) from (seed, iteration, rank)."""
+    s = step_seed(seed, it, rank, stream=1)
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def rng_states() -> Dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: Dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -47,13 +47,13 @@ from __future__ import annotations
 import contextlib
 from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cluda.augment import MixedBatch, class_mix_masks, mix, strong_augment
 from cluda.data.labels import IGNORE_INDEX
+from cluda.device import step_seed
 from cluda.losses import ContrastiveLoss, feature_distance_loss, weighted_cross_entropy
 from cluda.masking import mask_images
 from cluda.models import HRDA, HRDAOutput, crop, random_crop_box
@@ -69,14 +69,6 @@ MULTIRES_MODES = ("lr", "lr+hr", "weighted")
 MIX_MODES = ("class", "none")
 TEACHER_BN_MODES = ("batch", "running")
 HR_CROP_MODES = ("random", "entropy")
-
-
-def step_seed(seed: int, it: int, rank: int = 0, stream: int = 0) -> int:
-    """A 63-bit seed that is a function of (seed, iteration, rank, stream) only (numpy's
-    SeedSequence hashing, so nearby tuples give unrelated seeds)."""
-    assert min(seed, it, rank, stream) >= 0, (seed, it, rank, stream)
-    state = np.random.SeedSequence([int(seed), int(it), int(rank), int(stream)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def step_generator(seed: int, it: int, rank: int = 0) -> torch.Generator:

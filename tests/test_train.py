@@ -6,6 +6,9 @@ import math
 import pytest
 import torch
 
+import cluda.data.pairs
+import cluda.device
+import cluda.optim
 import train
 from cluda.build import build_model, build_uda_step
 from cluda.checkpoint import load_checkpoint
@@ -251,7 +254,7 @@ def test_train_step_updates_the_teacher_by_ema_and_rejects_nan(tmp_path):
         for p in teacher.parameters():
             p.mul_(0.5)
     step = build_uda_step(cfg)
-    optimizer, scheduler = train.build_optimizer(cfg, student)
+    optimizer, scheduler = cluda.optim.build_optimizer(cfg, student)
     data = train.build_train_dataset(cfg, length=100)
     batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     kw = dict(batch=batch, net=TrainForward(student), student=student, teacher=teacher, imnet=None,
@@ -297,27 +300,27 @@ def test_amp_needs_a_gpu_with_bfloat16(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     with pytest.raises(ConfigError, match=r"Tesla V100 \(compute capability 7\.0\) lacks.*--train\.amp=false"):
-        train.check_amp(cfg, gpu)
-    train.check_amp(load_experiment(None, tiny_overrides(tmp_path, "--train.amp=false")), gpu)
-    train.check_amp(cfg, torch.device("cpu"))  # the CPU never autocasts
+        cluda.device.check_amp(cfg, gpu)
+    cluda.device.check_amp(load_experiment(None, tiny_overrides(tmp_path, "--train.amp=false")), gpu)
+    cluda.device.check_amp(cfg, torch.device("cpu"))  # the CPU never autocasts
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    train.check_amp(cfg, gpu)
+    cluda.device.check_amp(cfg, gpu)
 
 
 def test_schedule_is_linear_warmup_then_poly():
-    f = train.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
+    f = cluda.optim.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
     assert f(0) == pytest.approx(1e-6)
     assert f(5) == pytest.approx((1 - 0.05) * (1 - 0.5 * (1 - 1e-6)))
     assert f(10) == pytest.approx(0.9) and f(50) == pytest.approx(0.5) and f(100) == 0.0
-    g = train.WarmupPoly(max_iters=100, warmup_iters=0, warmup_ratio=1e-6, power=2.0, min_ratio=0.1)
+    g = cluda.optim.WarmupPoly(max_iters=100, warmup_iters=0, warmup_ratio=1e-6, power=2.0, min_ratio=0.1)
     assert g(0) == 1.0 and g(50) == pytest.approx(0.9 * 0.25 + 0.1) and g(100) == pytest.approx(0.1)
 
 
 def test_iteration_batches_give_each_rank_its_own_items():
-    b = list(train.IterationBatches(start=2, stop=4, batch_size=3, rank=1, world=2))
+    b = list(cluda.data.pairs.IterationBatches(start=2, stop=4, batch_size=3, rank=1, world=2))
     assert b == [[15, 16, 17], [21, 22, 23]]  # (it * world + rank) * batch + slot
-    r0 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=0, world=2))
-    r1 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=1, world=2))
+    r0 = list(cluda.data.pairs.IterationBatches(start=0, stop=3, batch_size=2, rank=0, world=2))
+    r1 = list(cluda.data.pairs.IterationBatches(start=0, stop=3, batch_size=2, rank=1, world=2))
     assert not set(sum(r0, [])) & set(sum(r1, []))
 
 
