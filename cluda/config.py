@@ -492,8 +492,9 @@ def validate(cfg: Config) -> Config:
                           f"{u.blur_sigma}")
     _check_range(u.color_jitter_p, "uda.color_jitter_p", 0, 1)
     _check_range(u.blur_p, "uda.blur_p", 0, 1)
-    if u.color_jitter_strength < 0:
-        raise ConfigError(f"uda.color_jitter_strength must be >= 0, got {u.color_jitter_strength}")
+    if not 0 <= u.color_jitter_strength <= 0.5:
+        raise ConfigError(f"uda.color_jitter_strength must lie in [0, 0.5] (hue shifts beyond half a "
+                          f"turn are meaningless), got {u.color_jitter_strength}")
     if o.lr <= 0 or o.head_lr_mult <= 0 or o.weight_decay < 0 or len(o.betas) != 2:
         raise ConfigError("optim.lr and optim.head_lr_mult must be > 0, optim.weight_decay >= 0 "
                           "and optim.betas two numbers")
