@@ -343,7 +343,7 @@ def test_pretrained_true_offline_fails_at_once_asking_for_a_local_file(tmp_path)
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "train.py"), "--model.backbone=test_efficientnet",
          "--model.pretrained=true", "--experiment.device=cpu", f"--experiment.work_dir={tmp_path}",
-         "--data.workers=0", "--train.max_iters=1"],
+         "--data.workers=0", "--train.max_iters=1", "--uda.start_iter=0"],
         env=env, capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
