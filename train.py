@@ -5,9 +5,12 @@
     python train.py [CONFIG] --eval-only CHECKPOINT          # evaluate a checkpoint
     torchrun --nproc_per_node K train.py CONFIG              # K processes, DDP (gloo on CPU)
 
-Reads top to bottom: build everything, `train_step` (one iteration, returns a dict of floats),
-`evaluate_model` (mIoU on the target validation split), then one `for it in range(start_iter,
-max_iters)` loop that logs, evaluates and checkpoints. Outputs under `experiment.work_dir /
+Reads top to bottom: `train_step` (one iteration, returns a dict of floats), then `_run`: build
+everything, resume, one `for it in range(start_iter, max_iters)` loop that logs, evaluates
+(`cluda.inference.evaluate_model`, mIoU on the target validation split) and checkpoints. The
+pieces live in the library: the optimiser and schedule in `cluda.optim`, logs and curves in
+`cluda.runlog`, the run folder and resume checks in `cluda.runs`, checkpoints in
+`cluda.checkpoint`, seeds and RNG states in `cluda.device`. Outputs under `experiment.work_dir /
 experiment.name`: `config.yaml` (the resolved config), `log.csv` / `eval.csv` (and TensorBoard
 events if installed), `curves.png`, `val_latest.{md,csv}` / `val_best.{md,csv}` (per-class IoU
 tables), `latest.pt` / `best.pt` (student, teacher, optimiser, scheduler, RNG states, config,
@@ -19,12 +22,8 @@ path) and the step's generator are seeded from (seed, it, rank) at every iterati
 resumed from `latest.pt` computes the same weights as one that was never stopped.
 """
 import argparse
-import contextlib
-import csv
 import math
 import os
-import random
-import resource
 import sys
 import time
 import warnings
@@ -35,203 +34,32 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import cluda.evaluate as evaluate_cli
 from cluda import runs
-from cluda.config import ConfigError, save_yaml, to_dict
-from cluda.errors import EXIT_STATUS_HELP, NonFiniteError, OutputError, run_cli
-from cluda.evaluate import compute_metrics, evaluate, format_table, write_metrics
-from cluda.experiment import (Config, build_model, build_train_dataset, build_uda_step,
-                              build_val_dataset, config_from_checkpoint, encoder_of, load_checkpoint,
-                              load_experiment, load_model_from_checkpoint, load_state_checked,
-                              make_predict_fn, output_dir, resolve_device, save_checkpoint)
-from cluda.fileio import atomic_open
-from cluda.inference_memory import MemoryCheck
+from cluda.build import build_model, build_train_dataset, build_uda_step, build_val_dataset, encoder_of
+from cluda.checkpoint import (config_from_checkpoint, load_checkpoint, restore_training_state,
+                              save_training_state)
+from cluda.config import Config, ConfigError, load_experiment, output_dir, save_yaml, split_overrides, to_dict
+from cluda.data.pairs import IterationBatches
+from cluda.device import (autocast, backend_settings, broadcast_buffers, check_amp, resolve_device,
+                          seed_iteration, setup_distributed)
+from cluda.errors import EXIT_STATUS_HELP, NonFiniteError, run_cli
+from cluda.inference import evaluate_model
+from cluda.inference_memory import MemoryCheck, check_val_data
+from cluda.metrics import format_table, write_metrics
 from cluda.models import build_imnet_encoder
+from cluda.optim import build_optimizer
+from cluda.runlog import CSVLog, class_names, eval_row, open_tensorboard, peak_memory_mib, plot_curves
+from cluda.runs import check_resume
 from cluda.teacher import ema_alpha, ema_update, make_teacher
-from cluda.uda import TrainForward, UDAStep, step_seed
+from cluda.uda import TrainForward, UDAStep
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.yaml")
 
 
 # ----------------------------------------------------------------------------------------------
-# Small pieces: distributed setup, learning-rate schedule, batches, logs
+# One training step
 # ----------------------------------------------------------------------------------------------
-
-def setup_distributed():
-    """(rank, world size, local rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-class WarmupPoly:
-    """mmcv's schedule as an lr multiplier: poly decay (1 - it / max_iters) ** power from 1 to
-    min_ratio, times a linear warm-up from warmup_ratio over the first warmup_iters iterations.
-
-    Args:
-        max_iters: length of the schedule.
-        warmup_iters: warm-up length (0: none).
-        warmup_ratio: multiplier at iteration 0 of the warm-up.
-        power: poly exponent.
-        min_ratio: final multiplier (optim.min_lr / optim.lr).
-    """
-
-    def __init__(self, *, max_iters: int, warmup_iters: int, warmup_ratio: float, power: float,
-                 min_ratio: float = 0.0) -> None:
-        self.max_iters, self.warmup_iters = int(max_iters), int(warmup_iters)
-        self.warmup_ratio, self.power, self.min_ratio = float(warmup_ratio), float(power), float(min_ratio)
-
-    def __call__(self, it: int) -> float:
-        progress = min(it, self.max_iters) / self.max_iters
-        factor = (1 - self.min_ratio) * (1 - progress) ** self.power + self.min_ratio
-        if it < self.warmup_iters:
-            factor *= 1 - (1 - it / self.warmup_iters) * (1 - self.warmup_ratio)
-        return factor
-
-
-class IterationBatches(torch.utils.data.Sampler):
-    """Batch `it` of rank r holds data set items (it * world + r) * batch_size + b."""
-
-    def __init__(self, *, start: int, stop: int, batch_size: int, rank: int = 0, world: int = 1):
-        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world
-
-    def __iter__(self):
-        for it in range(self.start, self.stop):
-            first = (it * self.world + self.rank) * self.batch_size
-            yield list(range(first, first + self.batch_size))
-
-    def __len__(self):
-        return max(self.stop - self.start, 0)
-
-
-def broadcast_buffers(module: torch.nn.Module) -> None:
-    """Give every rank rank 0's buffers (BatchNorm statistics). DDP does this before each forward;
-    doing it before the EMA update too keeps the teachers identical across ranks, and before
-    evaluating / saving makes the evaluated and saved student the same on every rank."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for buf in module.buffers():
-            dist.broadcast(buf, src=0)
-
-
-def seed_iteration(seed: int, it: int, rank: int) -> None:
-    """Seed the global RNGs (dropout, drop path) from (seed, iteration, rank)."""
-    s = step_seed(seed, it, rank, stream=1)
-    torch.manual_seed(s)
-    random.seed(s)
-
-
-def rng_states() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: Dict) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if states.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-class CSVLog:
-    """Rows of floats with a fixed header, appended to `path`. A row is labelled with the number
-    of iterations done; on resume from a checkpoint after `keep_until` iterations, later rows
-    (written by the interrupted run after its checkpoint) are dropped."""
-
-    def __init__(self, path: str, columns: Sequence[str], *, keep_until: Optional[int] = None):
-        self.path, self.columns = path, ["iteration"] + list(columns)
-        rows = []
-        if keep_until is not None and os.path.isfile(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= keep_until]
-        with atomic_open(path, "w") as f:  # a crash here leaves the interrupted run's log whole
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    def append(self, it: int, values: Dict[str, float]) -> None:
-        try:
-            with open(self.path, "a", newline="") as f:
-                csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(dict(values, iteration=it))
-        except OSError as err:  # a full or read-only disk: name the log, in one line
-            raise OutputError(self.path, err) from err
-
-    def read(self) -> List[Dict[str, float]]:
-        with open(self.path, newline="") as f:
-            return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
-
-
-def plot_curves(train_log: CSVLog, eval_log: CSVLog, path: str, *, main_metric: str) -> None:
-    """PNG of the loss terms and the target mIoU against the iteration."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows, evals = train_log.read(), eval_log.read()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for col in train_log.columns[1:]:
-        if col.startswith(("src.", "mix.", "mic.")) or col == "loss":
-            pts = [(r["iteration"], r[col]) for r in rows if col in r]
-            if pts:
-                ax1.plot(*zip(*pts), label=col, lw=1.5 if col == "loss" else 1)
-    ax1.set_xlabel("iteration")
-    ax1.set_ylabel("loss (mean over the log interval)")
-    ax1.legend(fontsize=8)
-    pts = [(r["iteration"], 100 * r[main_metric]) for r in evals if main_metric in r]
-    if pts:
-        ax2.plot(*zip(*pts), marker="o")
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel(f"target {main_metric} (%)")
-    fig.tight_layout()
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
-def peak_memory_mib(device: torch.device, *, reset: bool = False) -> float:
-    """Peak memory: on CUDA the most allocated by tensors since the last reset (`reset`: start a
-    new window), on the CPU the process's peak resident set so far (it only grows)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def open_tensorboard(out_dir: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(os.path.join(out_dir, "tb"))
-
-
-# ----------------------------------------------------------------------------------------------
-# One training step and the evaluation
-# ----------------------------------------------------------------------------------------------
-
-def autocast(cfg: Config, device: torch.device):
-    """bfloat16 autocast on CUDA when `train.amp` (the paper's mixed precision); full precision
-    on the CPU, where bfloat16 matmuls are slower than float32 ones."""
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def check_amp(cfg: Config, device: torch.device) -> None:
-    """`train.amp` trains in bfloat16, which needs compute capability 8.0 or newer (A100, RTX 30
-    and later): older GPUs emulate it slowly and the Triton kernels cannot compile it for them."""
-    if device.type != "cuda" or not cfg.train.amp:
-        return
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        raise ConfigError(f"train.amp trains in bfloat16, which {torch.cuda.get_device_name(device)} "
-                          f"(compute capability {major}.{minor}) lacks: it needs 8.0 or newer (A100, "
-                          "RTX 30 and later); set --train.amp=false to train in float32")
 
 
 def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.Module,
@@ -302,84 +130,9 @@ def train_step(*, it: int, batch: Dict, net: torch.nn.Module, student: torch.nn.
     return logs
 
 
-def evaluate_model(model: torch.nn.Module, val_data, cfg: Config, device: torch.device, *,
-                   rank: int = 0, world: int = 1, progress: bool = True) -> Dict[int, Dict]:
-    """mIoU and per-class IoU on the validation set for every protocol of `eval.protocols`.
-    With several processes each evaluates every world-th image and the confusion matrices are
-    summed."""
-    if world > 1:
-        val_data = torch.utils.data.Subset(val_data, range(rank, len(val_data), world))
-    loader = torch.utils.data.DataLoader(val_data, batch_size=cfg.eval.batch_size,
-                                         num_workers=cfg.eval.workers,
-                                         generator=torch.Generator())  # leaves the global RNG alone
-    was_training = model.training
-    model.eval()
-    with autocast(cfg, device):
-        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
-                          protocols=cfg.eval.protocols, flip=cfg.eval.flip, scales=cfg.eval.scales,
-                          device=device, progress=progress and rank == 0,
-                          memory_check=MemoryCheck(model, cfg, device))
-    model.train(was_training)
-    matrix = result["matrix"]
-    if world > 1:
-        dist.all_reduce(matrix)
-    return {p: compute_metrics(matrix, protocol=p) for p in cfg.eval.protocols}
-
-
-def eval_row(metrics: Dict[int, Dict]) -> Dict[str, float]:
-    row = {}
-    for p, m in metrics.items():
-        row[f"mIoU{p}"] = m["mIoU"]
-    first = next(iter(metrics.values()))
-    row.update({f"IoU.{name}": v for name, v in first["iou"].items()})
-    return row
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-
-def build_optimizer(cfg: Config, model: torch.nn.Module):
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.param_groups(o.lr, head_lr_mult=o.head_lr_mult,
-                                                     weight_decay=o.weight_decay),
-                                  lr=o.lr, betas=tuple(o.betas))
-    schedule = WarmupPoly(max_iters=cfg.train.max_iters, warmup_iters=o.warmup_iters,
-                          warmup_ratio=o.warmup_ratio, power=o.poly_power,
-                          min_ratio=o.min_lr / o.lr)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def checkpoint(path: str, *, cfg: Config, it_next: int, student, teacher, optimizer, scheduler,
-               best: Dict, evaluated: bool = True) -> None:
-    """Save the training state after `it_next` iterations. `evaluated`: False when the file is
-    written before that iteration's evaluation (a resume runs it first)."""
-    save_checkpoint(path, {
-        "config": to_dict(cfg), "iteration": it_next, "student": student.state_dict(),
-        "teacher": None if teacher is None else teacher.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": rng_states(), "best": best, "evaluated": evaluated})
-
-
-@contextlib.contextmanager
-def backend_settings(cfg: Config):
-    """`experiment.deterministic` for the duration of a run: cuDNN autotuning by default, or
-    deterministic cuDNN and torch algorithms (warning where torch has none). The previous
-    settings are restored on exit."""
-    cudnn = torch.backends.cudnn
-    old = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
-           torch.is_deterministic_algorithms_warn_only_enabled())
-    if cfg.experiment.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-        cudnn.benchmark, cudnn.deterministic = False, True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        cudnn.benchmark, cudnn.deterministic = old[0], old[1]
-        torch.use_deterministic_algorithms(old[2], warn_only=old[3])
 
 
 def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] = None,
@@ -403,40 +156,6 @@ def train(cfg: Config, *, resume: Optional[str] = None, stop_at: Optional[int] =
     with backend_settings(cfg):
         return _train(cfg, resume=resume, stop_at=stop_at, overwrite=overwrite,
                       allow_changes=allow_changes)
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, state: Dict, start_iter: int) -> None:
-    """Load the optimiser's moments from a checkpoint but keep the hyperparameters of the
-    current config (lr, betas, weight decay: `load_state_dict` would bring back the stored ones),
-    and put the schedule, a pure function of the iteration, at `start_iter` under the current
-    `train.max_iters`. With an unchanged config this is exactly the stored state."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
-    for group, hyper in zip(optimizer.param_groups, fresh):
-        group.update(hyper)
-    scheduler.last_epoch = start_iter
-    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * fn(start_iter)  # what LambdaLR.step() computes
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def check_resume(cfg: Config, stored: Config, *, path: str, allow_changes: bool,
-                 start_iter: int) -> Dict:
-    """The config changes of a resume ({key: (stored, new)}); raises ConfigError for changes that
-    need --allow-changes without it, and for a schedule that already ended."""
-    changes = runs.config_changes(to_dict(stored), to_dict(cfg))
-    gated = runs.needs_permission(changes)
-    if gated and not allow_changes:
-        raise ConfigError(
-            f"cannot resume from {path}: the config differs from the checkpoint's in "
-            f"{runs.describe(changes, gated)}; add --allow-changes to resume with them (they apply "
-            f"from iteration {start_iter + 1}; the previous config is kept as "
-            f"{runs.history_name(start_iter)}), or start a new run (another experiment.name, or "
-            "--overwrite)")
-    if start_iter > cfg.train.max_iters:
-        raise ConfigError(f"cannot resume from {path}: it has done {start_iter} iterations, more than "
-                          f"train.max_iters {cfg.train.max_iters}")
-    return changes
 
 
 def _train(cfg: Config, *, resume: Optional[str], stop_at: Optional[int], overwrite: bool,
@@ -491,17 +210,11 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
     if resume is not None:
         path = os.path.join(out, "latest.pt") if resume == "auto" else resume
         state = load_checkpoint(path, map_location=device)
-        stored = config_from_checkpoint(state, path=path)
         start_iter = int(state["iteration"])
-        changes = check_resume(cfg, stored, path=path, allow_changes=allow_changes, start_iter=start_iter)
-        load_state_checked(student, state["student"], what=f"checkpoint {path} (student)")
-        if teacher is not None and state.get("teacher") is not None:
-            load_state_checked(teacher, state["teacher"], what=f"checkpoint {path} (teacher)")
-        elif teacher is not None:  # a source-only checkpoint: start the teacher from its student
-            teacher.load_state_dict(student.state_dict())
-        restore_optimizer(optimizer, scheduler, state, start_iter)
-        set_rng_states(state["rng"])
-        best = dict(state.get("best") or best)
+        changes = check_resume(cfg, config_from_checkpoint(state, path=path), path=path,
+                               allow_changes=allow_changes, start_iter=start_iter)
+        best = restore_training_state(state, path=path, student=student, teacher=teacher,
+                                      optimizer=optimizer, scheduler=scheduler) or best
         # Saved before an evaluation that did not finish (it failed, or the run was killed).
         pending_eval = state.get("evaluated") is False
     if stop_at is not None and stop_at <= start_iter:
@@ -549,19 +262,20 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
                            terms + ["loss"] + stat_cols + ["lr", "skipped", "data_sec_per_it", "sec_per_it",
                                                               "mem_mib"],
                            keep_until=start_iter)
-        eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in _class_names(cfg)]
+        eval_cols = [f"mIoU{p}" for p in cfg.eval.protocols] + [f"IoU.{n}" for n in class_names(cfg)]
         eval_log = CSVLog(os.path.join(out, "eval.csv"), eval_cols, keep_until=start_iter)
         tb = open_tensorboard(out, cfg.train.tensorboard)
         print(f"{type(student).__name__} ({cfg.model.backbone}), {sum(p.numel() for p in student.parameters()) / 1e6:.2f} M "
               f"parameters, device {device}, {world} process(es); terms: {', '.join(terms)}; outputs in {out}")
 
     def save(name: str, it_next: int, *, evaluated: bool = True) -> None:
-        checkpoint(os.path.join(out, name), cfg=cfg, it_next=it_next, student=student, teacher=teacher,
-                   optimizer=optimizer, scheduler=scheduler, best=best, evaluated=evaluated)
+        save_training_state(os.path.join(out, name), cfg=cfg, it_next=it_next, student=student,
+                            teacher=teacher, optimizer=optimizer, scheduler=scheduler, best=best,
+                            evaluated=evaluated)
 
     def run_evaluation(done: int) -> Dict[int, Dict]:
         nonlocal best
-        result = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)
+        result = evaluate_model(student, val_data, cfg, device, rank=rank, world=world)["metrics"]
         value = result[cfg.eval.protocols[0]]["mIoU"]
         if main_proc:
             if value > best["value"]:
@@ -641,51 +355,6 @@ def _run(cfg: Config, *, folder: Optional[runs.RunFolder], resume: Optional[str]
             "student": student, "teacher": teacher}
 
 
-def check_val_data(val_data, cfg: Config, memory_check: MemoryCheck) -> None:
-    """Fail at start-up, not at the first evaluation thousands of iterations in: read every
-    validation image and label once (real data sets; synthetic scenes are generated and cannot be
-    corrupt), and estimate the evaluation's memory for each image size (`eval.mode`, scales; the
-    memory free now, before training takes its share, so only what can never fit is refused)."""
-    if cfg.data.val.kind == "synthetic":
-        sizes = {(tuple(val_data[0]["img"].shape), tuple(val_data[0]["label"].shape[-2:]), "val[0]")}
-    else:
-        sizes = set()
-        loader = torch.utils.data.DataLoader(val_data, batch_size=None, num_workers=cfg.eval.workers)
-        for i, sample in enumerate(loader):
-            sizes.add((tuple(sample["img"].shape), tuple(sample["label"].shape[-2:]),
-                       str(sample.get("path", f"val[{i}]"))))
-    seen = set()
-    for img_shape, out_size, what in sorted(sizes):
-        if (img_shape, out_size) not in seen:
-            seen.add((img_shape, out_size))
-            memory_check((cfg.eval.batch_size,) + img_shape, out_size, what=what)
-
-
-def _class_names(cfg: Config) -> List[str]:
-    from cluda.data.labels import CLASS_NAMES, PROTOCOLS
-    return [CLASS_NAMES[c] for c in sorted(PROTOCOLS[cfg.eval.protocols[0]])]
-
-
-def eval_only(checkpoint_path: str, cfg: Optional[Config], overrides: Sequence[str]) -> Dict[int, Dict]:
-    """Evaluate a checkpoint's student on the validation set of its stored config (or of `cfg`),
-    print the tables and write `eval_<checkpoint>.{md,csv}` next to the checkpoint."""
-    model, cfg = load_model_from_checkpoint(checkpoint_path, cfg if cfg is not None else overrides)
-    rank, world, local_rank = setup_distributed()
-    device = resolve_device(cfg, local_rank)
-    model.to(device)
-    with backend_settings(cfg):
-        metrics = evaluate_model(model, build_val_dataset(cfg), cfg, device, rank=rank, world=world)
-    if rank == 0:
-        stem = "eval_" + os.path.splitext(os.path.basename(checkpoint_path))[0]
-        folder = os.path.dirname(os.path.abspath(checkpoint_path))
-        for p, m in metrics.items():
-            print(f"{p}-class protocol:\n{format_table(m)}")
-            write_metrics(m, folder, stem if len(metrics) == 1 else f"{stem}_{p}")
-        p = cfg.eval.protocols[0]
-        print(f"target mIoU ({p} classes): {100 * metrics[p]['mIoU']:.2f}")
-    return metrics
-
-
 def parse_args(argv: Optional[Sequence[str]]):
     parser = argparse.ArgumentParser(
         description="CLUDA / DAFormer / HRDA training. Unknown --section.key=value arguments "
@@ -710,10 +379,12 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="with --resume: accept config changes beyond run control (devices, "
                              "intervals, evaluation, train.max_iters); they apply from the resumed "
                              "iteration and the previous config is kept as config.until_<N>.yaml")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: overrides are --section.key=value")
+    # The overrides are taken out first: argparse would read one that holds a space
+    # ("--eval.stride=[256, 256]") as the positional CONFIG.
+    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args, extra = parser.parse_known_args(rest)
+    if extra:
+        parser.error(f"unrecognised arguments {extra}: overrides are --section.key=value")
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
     return args, overrides
@@ -722,9 +393,8 @@ def parse_args(argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args, overrides = parse_args(argv)
     t0 = time.time()
-    if args.eval_only is not None:
-        cfg = load_experiment(args.config, overrides) if args.config else None
-        return {"metrics": eval_only(args.eval_only, cfg, overrides)}
+    if args.eval_only is not None:  # the same command as python -m cluda.evaluate
+        return evaluate_cli.run(args.eval_only, config=args.config, overrides=overrides)
     cfg = load_experiment(args.config or DEFAULT_CONFIG, overrides)
     if args.allow_changes and args.resume is None:
         raise ConfigError("--allow-changes applies to a resume: add --resume")

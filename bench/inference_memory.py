@@ -24,8 +24,9 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 import torch
 
 from bench.utils import REPO_ROOT, device_name, git_revision, library_versions, measure_call
-from cluda.evaluate import predict_probs
-from cluda.experiment import build_model, load_experiment, make_predict_fn
+from cluda.inference import make_predict_fn, predict_probs
+from cluda.build import build_model
+from cluda.config import load_experiment
 from cluda.inference_memory import GIB, MemoryCheck
 
 # (label, overrides, input height, input width)

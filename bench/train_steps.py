@@ -57,7 +57,8 @@ import torch
 
 from bench.utils import (REPO_ROOT, append_rows, device_name, git_revision, library_versions,
                          merge_rows, read_rows, timing_from_samples)
-from cluda.experiment import load_experiment, resolve_device
+from cluda.config import load_experiment
+from cluda.device import resolve_device
 
 # name -> (config, extra overrides, what it shows)
 CASES = {
@@ -296,7 +297,8 @@ def run_eval_case(name: str, config: str, extra: Sequence[str], size: Tuple[int,
     """Time the config's inference (`eval.mode`, test-time augmentation as configured) on one
     image of `size` (a random image: the time does not depend on its content): a warm-up call,
     then the median of `reps` calls, and the peak memory. Returns its row."""
-    from cluda.experiment import build_model, make_predict_fn
+    from cluda.build import build_model
+    from cluda.inference import make_predict_fn
     from train import autocast, peak_memory_mib
 
     given = ["--model.pretrained=null"] + list(common) + list(extra)

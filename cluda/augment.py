@@ -30,12 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _as_label_map(labels: torch.Tensor, name: str) -> torch.Tensor:
     """(B, H, W) or (B, 1, H, W) integer -> (B, H, W)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
     if labels.dim() == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.dim() != 3:
-        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(labels.shape)}")
+    assert labels.dim() == 3, f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(labels.shape)}"
     return labels
 
 
@@ -53,8 +50,7 @@ def class_mix_masks(labels: torch.Tensor, *, generator: Optional[torch.Generator
         (B, 1, H, W) float32 mask on the labels' device, 1 where the source is pasted.
     """
     labels = _as_label_map(labels, "labels")
-    if labels.is_floating_point():
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    assert not labels.is_floating_point(), f"labels must be an integer tensor, got {labels.dtype}"
     masks = torch.zeros(labels.shape[0], 1, *labels.shape[1:], dtype=torch.float32, device=labels.device)
     for b in range(labels.shape[0]):
         classes = torch.unique(labels[b])
@@ -93,17 +89,15 @@ def mix(mask: torch.Tensor, *, source_image: torch.Tensor, target_image: torch.T
     Returns:
         MixedBatch(image, labels, weights).
     """
-    if source_image.shape != target_image.shape or source_image.dim() != 4:
-        raise ValueError(f"source_image {tuple(source_image.shape)} and target_image "
-                         f"{tuple(target_image.shape)} must be equal (B, C, H, W) shapes")
+    assert source_image.shape == target_image.shape and source_image.dim() == 4, \
+        (source_image.shape, target_image.shape)
     size = (source_image.shape[0], *source_image.shape[2:])
     source_labels = _as_label_map(source_labels, "source_labels")
     pseudo_labels = _as_label_map(pseudo_labels, "pseudo_labels")
     mask = mask[:, 0] if mask.dim() == 4 else mask
     for name, t in (("mask", mask), ("source_labels", source_labels),
                     ("pseudo_labels", pseudo_labels), ("pseudo_weights", pseudo_weights)):
-        if tuple(t.shape) != size:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {size} to match the images")
+        assert tuple(t.shape) == size, f"{name} has shape {tuple(t.shape)}, expected {size} to match the images"
     pasted = mask > 0.5  # (B, H, W)
     m = mask.unsqueeze(1).to(source_image.dtype)  # (B, 1, H, W)
     image = m * source_image + (1 - m) * target_image
@@ -168,16 +162,12 @@ def strong_augment(images: torch.Tensor, *, generator: Optional[torch.Generator]
     Returns:
         (B, 3, H, W) augmented images, normalised; `images` is not modified.
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError("images must be a floating-point tensor")
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    if not 0 <= jitter_strength <= 0.5:
-        raise ValueError(f"jitter_strength must lie in [0, 0.5] (hue shifts beyond half a turn "
-                         f"are meaningless), got {jitter_strength}")
+    assert images.dim() == 4 and images.shape[1] == 3 and images.is_floating_point(), \
+        f"images must be floating-point (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+    # The config's range check (cluda.config.validate) is the user-facing one.
+    assert 0 <= jitter_strength <= 0.5, f"jitter_strength must lie in [0, 0.5], got {jitter_strength}"
     lo, hi = blur_sigma
-    if not 0 < lo <= hi:
-        raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {tuple(blur_sigma)}")
+    assert 0 < lo <= hi, f"blur_sigma must be (low, high) with 0 < low <= high, got {tuple(blur_sigma)}"
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
     kernel = (blur_kernel_size(images.shape[2]), blur_kernel_size(images.shape[3]))

@@ -15,8 +15,8 @@ The user errors (`is_user_error`):
 - `UserError` and its subclasses, raised where bad input enters the program:
   `cluda.config.ConfigError` (config keys and values), `DataError` (image, label and class
   statistics files), `CheckpointError` (a checkpoint file, or weights that do not fit the
-  network), `OutputError` (an output that cannot be written; names the path),
-  `cluda.evaluate.InputError`. Those that describe a bad value also subclass `ValueError`, so
+  network), `OutputError` (an output that cannot be written; names the path), `InputError`
+  (the command lines' other inputs: image paths, output folders, option values). Those that describe a bad value also subclass `ValueError`, so
   callers that catch ValueError keep working.
 - OSErrors about a path the user gave (FileNotFoundError, FileExistsError, PermissionError,
   IsADirectoryError, NotADirectoryError) or about the disk (full, read-only, over quota: `DISK_ERRNOS`).
@@ -28,15 +28,17 @@ input raises one of the types above, so anything else is a bug and keeps its tra
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["UserError", "DataError", "CheckpointError", "OutputError", "NonFiniteError", "DISK_ERRNOS",
-           "DEBUG_ENV", "EXIT_STATUS_HELP", "is_user_error", "describe", "debug_enabled", "run_cli"]
+__all__ = ["UserError", "DataError", "CheckpointError", "OutputError", "NonFiniteError", "InputError",
+           "DISK_ERRNOS", "DEBUG_ENV", "EXIT_STATUS_HELP", "is_user_error", "input_errors", "describe",
+           "debug_enabled", "run_cli"]
 
 DEBUG_ENV = "CLUDA_DEBUG"
 
@@ -86,6 +88,11 @@ class NonFiniteError(UserError, FloatingPointError):
     change (lr, cl.temperature, train.amp), not a bug."""
 
 
+class InputError(UserError):
+    """Bad input to a command line the user can fix: an image path, an output folder, an option
+    value, a data set that cannot be read (see `input_errors`)."""
+
+
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
                 NotADirectoryError)
 
@@ -105,6 +112,22 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, (UserError,) + _PATH_ERRORS + _memory_errors()):
         return True
     return isinstance(err, OSError) and err.errno in DISK_ERRNOS
+
+
+@contextlib.contextmanager
+def input_errors() -> Iterator[None]:
+    """Turn the errors that bad files and configs raise while a command line loads its inputs
+    (FileNotFoundError, PermissionError, ValueError) into one-line `InputError`s.
+
+    Only the loading steps run inside it, so a bug in the model or the metrics still shows its
+    traceback."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+            ValueError) as err:
+        raise InputError(" ".join(str(err).split())) from err  # one line
 
 
 # A DataLoader worker's exception comes back as the same type whose message is the worker's

@@ -1,703 +1,83 @@
-"""Semantic segmentation evaluation: confusion matrix, per-class IoU / accuracy, mIoU tables.
-
-The metric is the one every UDA segmentation paper reports (CLUDA, Vayyat et al., Table 1 and
-Table 2; DAFormer; HRDA), the Cityscapes benchmark's class IoU:
-
-    IoU_c = TP_c / (TP_c + FP_c + FN_c)          mIoU = mean of IoU_c over the protocol's classes
-
-accumulated over the whole split in one K x K confusion matrix M (rows = ground truth, columns =
-prediction; pixels whose label is 255 or outside [0, K) are not counted), so TP_c = M[c, c],
-FN_c = sum_j M[c, j] - TP_c, FP_c = sum_i M[i, c] - TP_c.
-
-Protocols (`cluda.data.labels.PROTOCOLS`): 19 classes for GTA -> Cityscapes; SYNTHIA -> Cityscapes
-reports mIoU over 16 classes (no terrain, truck, train) and 13 (also no wall, fence, pole). As in
-DAFormer / HRDA (mmseg), the per-class IoU always comes from the full K x K matrix and the protocol
-only chooses which classes are averaged: a road pixel predicted as terrain still counts against
-road in the 16-class protocol.
-
-Absent classes (the convention, everywhere in this module):
-
-- IoU_c is NaN when class c occurs in neither the ground truth nor the prediction (0 / 0). It is
-  reported as absent ("n/a" in tables) and left out of mIoU, not counted as 0. A class that is
-  predicted but never occurs in the ground truth has IoU 0 and does count.
-- Acc_c = TP_c / (TP_c + FN_c) (per-class recall) is NaN when c never occurs in the ground truth,
-  and is left out of mAcc.
-- aAcc (overall pixel accuracy) = sum_c TP_c / sum_c (TP_c + FN_c) over the protocol's classes.
-- Every value in the metrics dict is a fraction in [0, 1]; the tables print percentages.
-
-Test-time augmentation (`predict_probs`) follows mmseg's `aug_test`: logits of each view are
-resized bilinearly to the label's resolution, turned into softmax probabilities, un-flipped, and
-the probabilities are averaged over the views.
-
-Command line (`main`, see `--help`):
+"""Evaluating a checkpoint: `python -m cluda.evaluate` (and `train.py --eval-only`, the same
+command).
 
     python -m cluda.evaluate --checkpoint CKPT [--config C] [--split val]
         [--weights student|teacher] [--protocols 19 16 13] [--flip] [--scales 0.75 1.0 1.25]
         [--mode whole|slide] [--out DIR] [--device cpu|cuda] [--section.key=value ...]
 
-rebuilds the network from the checkpoint (`load_inference_model`, also used by
-`cluda.predict`), evaluates it on the target validation split (`evaluate_checkpoint`), prints
-the per-class tables and writes them as Markdown, CSV and JSON, all rendered before the first
-file is written and each written atomically. Bad input (missing / truncated checkpoint, config
-that does not fit the weights, unknown override key) ends with a one-line message and exit
-status 2 (`InputError`).
+rebuilds the network from the checkpoint (`cluda.checkpoint.load_model_from_checkpoint`, also
+used by `cluda.predict`), evaluates it on the target validation split (`evaluate_checkpoint`,
+through `cluda.inference.evaluate_model` as training's evaluations), prints the per-class tables
+and writes them as Markdown, CSV and JSON (`eval_<checkpoint>.{md,csv,json}`), all rendered
+before the first file is written and each written atomically (`run`). The metric and its
+conventions (absent classes, protocols) are `cluda.metrics`'. Bad input (missing / truncated
+checkpoint, config that does not fit the weights, unknown override key) ends with a one-line
+message and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import dataclasses
-import io
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
-
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
-
-from cluda.data.labels import CLASS_NAMES, IGNORE_INDEX, PROTOCOLS
-from cluda.errors import EXIT_STATUS_HELP, UserError, run_cli
-from cluda.inference_memory import MemoryCheck
-from cluda.fileio import atomic_write, atomic_write_files
-from cluda.experiment import (Config, build_model, build_val_dataset, config_from_checkpoint,
-                              config_to_dict, load_checkpoint, load_experiment,
-                              load_state_checked, make_predict_fn, resolve_device)
-
-__all__ = [
-    "ConfusionMatrix", "compute_metrics", "format_table", "write_metrics", "predict_probs",
-    "evaluate", "atomic_write", "atomic_write_files", "render_metrics", "InputError",
-    "load_inference_model", "model_config_differences", "note_model_differences",
-    "inference_device", "inference_context", "evaluate_checkpoint",
-    "render_evaluation", "main",
-]
-
-
-# --------------------------------------------------------------------------------------------
-# Confusion matrix
-# --------------------------------------------------------------------------------------------
-
-class ConfusionMatrix:
-    """A K x K int64 confusion matrix accumulated on the device with `torch.bincount`.
-
-    `matrix[i, j]` counts pixels whose ground truth is class i and whose prediction is class j.
-    Pixels whose target is IGNORE_INDEX (255) or any value outside [0, K) are skipped. The matrix
-    is a plain tensor, so data-parallel evaluation sums it across ranks with
-    `torch.distributed.all_reduce(cm.matrix)` before `compute_metrics`.
-
-    Args:
-        num_classes: K, the number of classes the model predicts.
-        device: where the matrix lives (put it where the predictions are, to avoid copies).
-    """
-
-    def __init__(self, num_classes: int, *, device: torch.device | str = "cpu") -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
-
-    def reset(self) -> None:
-        """Set every count back to zero (in place, so references to `.matrix` stay valid)."""
-        self.matrix.zero_()
-
-    @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add one batch of predictions.
-
-        Args:
-            pred: integer class ids in [0, K), any shape, e.g. (B, H, W).
-            target: integer ground truth of the same shape; 255 and values outside [0, K) are
-                skipped.
-        """
-        if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError("pred and target must be torch tensors, got "
-                            f"{type(pred).__name__} and {type(target).__name__}")
-        for name, t in (("pred", pred), ("target", target)):
-            if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-                raise TypeError(f"{name} must hold integer class ids, got dtype {t.dtype}")
-        if pred.shape != target.shape:
-            raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs "
-                             f"{tuple(target.shape)}")
-        k = self.num_classes
-        pred = pred.to(self.device, torch.int64).reshape(-1)
-        target = target.to(self.device, torch.int64).reshape(-1)
-        valid = (target >= 0) & (target < k) & (target != IGNORE_INDEX)
-        pred = pred[valid]
-        target = target[valid]
-        if pred.numel() and (pred.min() < 0 or pred.max() >= k):
-            raise ValueError(f"pred holds class ids outside [0, {k}): "
-                             f"min {int(pred.min())}, max {int(pred.max())}")
-        # One bin per (ground truth, prediction) pair: row-major index target * K + pred.
-        counts = torch.bincount(target * k + pred, minlength=k * k)
-        self.matrix += counts.reshape(k, k)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-def _nanmean(values: Sequence[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
-
-
-def compute_metrics(matrix: torch.Tensor | np.ndarray, *, protocol: int = 19) -> dict[str, Any]:
-    """Per-class IoU and accuracy, mIoU, mAcc and aAcc of a confusion matrix for one protocol.
-
-    Args:
-        matrix: (K, K) non-negative integer counts, rows = ground truth, columns = prediction
-            (`ConfusionMatrix.matrix`, any device, or a numpy array). K must cover the
-            protocol's train ids.
-        protocol: a key of `cluda.data.labels.PROTOCOLS`: 19, 16 or 13.
-
-    Returns:
-        A dict: `protocol` (int); `class_ids` (train ids averaged, Table 1 order); `class_names`;
-        `iou` and `acc` ({class name: float}, NaN for an absent class, see the module docstring);
-        `mIoU`, `mAcc`, `aAcc` (floats in [0, 1], NaN if nothing was counted); `num_pixels`
-        (ground-truth pixels of the protocol's classes). All values are plain Python objects.
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PROTOCOLS)}")
-    if isinstance(matrix, np.ndarray):
-        matrix = torch.from_numpy(matrix)
-    if not isinstance(matrix, torch.Tensor):
-        raise TypeError(f"matrix must be a tensor or numpy array, got {type(matrix).__name__}")
-    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"matrix must be square (K, K), got shape {tuple(matrix.shape)}")
-    if matrix.is_floating_point() or matrix.is_complex() or matrix.dtype == torch.bool:
-        raise TypeError(f"matrix must hold integer counts, got dtype {matrix.dtype}")
-    class_ids = PROTOCOLS[protocol]
-    k = matrix.shape[0]
-    if max(class_ids) >= k:
-        raise ValueError(f"the {protocol}-class protocol needs train ids up to {max(class_ids)}, "
-                         f"but the matrix has only {k} classes")
-    m = matrix.detach().to("cpu", torch.float64)  # exact for counts below 2**53
-    if bool((m < 0).any()):
-        raise ValueError("matrix holds negative counts")
-    tp = m.diagonal()
-    gt = m.sum(dim=1)      # TP + FN per class
-    predicted = m.sum(dim=0)  # TP + FP per class
-    union = gt + predicted - tp
-    iou, acc = {}, {}
-    for c in class_ids:
-        name = CLASS_NAMES[c]
-        iou[name] = float(tp[c] / union[c]) if union[c] > 0 else float("nan")
-        acc[name] = float(tp[c] / gt[c]) if gt[c] > 0 else float("nan")
-    idx = torch.tensor(class_ids)
-    num_pixels = float(gt[idx].sum())
-    return {
-        "protocol": protocol,
-        "class_ids": tuple(class_ids),
-        "class_names": tuple(CLASS_NAMES[c] for c in class_ids),
-        "iou": iou,
-        "acc": acc,
-        "mIoU": _nanmean(list(iou.values())),
-        "mAcc": _nanmean(list(acc.values())),
-        "aAcc": float(tp[idx].sum()) / num_pixels if num_pixels > 0 else float("nan"),
-        "num_pixels": int(num_pixels),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Tables
-# --------------------------------------------------------------------------------------------
-
-def _as_rows(metrics: Mapping[str, Any]) -> tuple[list[tuple[str | None, Mapping[str, Any]]], int]:
-    """A single metrics dict -> [(None, metrics)]; {row name: metrics} -> [(name, metrics), ...].
-    Checks that every row uses one protocol and returns it."""
-    if not isinstance(metrics, Mapping) or not metrics:
-        raise TypeError("metrics must be a non-empty dict from compute_metrics, or a dict "
-                        "{row name: metrics dict}")
-    if "iou" in metrics and "protocol" in metrics:
-        rows = [(None, metrics)]
-    else:
-        rows = list(metrics.items())
-    for name, m in rows:
-        if not isinstance(m, Mapping) or not {"iou", "acc", "protocol", "class_ids"} <= set(m):
-            raise TypeError(f"row {name!r} is not a metrics dict from compute_metrics")
-    protocols = {m["protocol"] for _, m in rows}
-    if len(protocols) != 1:
-        raise ValueError("all rows of one table must use the same protocol, got "
-                         f"{sorted(protocols)}")
-    return rows, protocols.pop()
-
-
-def _percent(value: float, digits: int) -> str:
-    return "n/a" if math.isnan(value) else f"{100.0 * value:.{digits}f}"
-
-
-def format_table(metrics: Mapping[str, Any], *, fmt: str = "markdown", metric: str = "iou",
-                 digits: int = 1) -> str:
-    """The per-class table in the column order of the CLUDA paper's Table 1.
-
-    Columns: road, sidewalk, building, wall, fence, pole, traffic light, traffic sign, vegetation,
-    terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle (the 16- and 13-class
-    protocols leave out the classes they do not score), then mIoU (`metric="iou"`) or mAcc and
-    aAcc (`metric="acc"`). Values are percentages; absent classes print "n/a".
-
-    Args:
-        metrics: one dict from `compute_metrics` (one row), or {row name: metrics dict} (one row
-            per entry, with a leading "method" column), all of one protocol.
-        fmt: "markdown" (a padded pipe table, readable in a terminal too) or "csv".
-        metric: "iou" or "acc".
-        digits: decimals of the percentages.
-    """
-    if fmt not in ("markdown", "csv"):
-        raise ValueError(f"fmt must be 'markdown' or 'csv', got {fmt!r}")
-    if metric not in ("iou", "acc"):
-        raise ValueError(f"metric must be 'iou' or 'acc', got {metric!r}")
-    if isinstance(digits, bool) or not isinstance(digits, int) or digits < 0:
-        raise ValueError(f"digits must be a non-negative int, got {digits!r}")
-    rows, protocol = _as_rows(metrics)
-    # Train ids are numbered in Table 1's column order, so sorting by id gives that order.
-    class_ids = sorted(PROTOCOLS[protocol])
-    names = [CLASS_NAMES[c] for c in class_ids]
-    summary = ["mIoU"] if metric == "iou" else ["mAcc", "aAcc"]
-    named = rows[0][0] is not None
-    header = (["method"] if named else []) + names + summary
-    body = []
-    for row_name, m in rows:
-        cells = [str(row_name)] if named else []
-        cells += [_percent(m[metric][n], digits) for n in names]
-        cells += [_percent(m[s], digits) for s in summary]
-        body.append(cells)
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(body)
-        return buf.getvalue()
-    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    # The method column is left-aligned, numbers are right-aligned ("---:").
-    rule = ["-" * (w + 2) if named and i == 0 else "-" * (w + 1) + ":"
-            for i, w in enumerate(widths)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join(rule) + "|"]
-    for cells in body:
-        parts = [c.ljust(w) if named and i == 0 else c.rjust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths))]
-        lines.append("| " + " | ".join(parts) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_metrics(metrics: Mapping[str, Any], *, details: Sequence[str] = ()) -> dict[str, str]:
-    """The Markdown and CSV texts that `write_metrics` writes, rendered without touching disk.
-
-    Args:
-        metrics: as `format_table`.
-        details: lines put under the Markdown title (what was evaluated, and how).
-
-    Returns:
-        {"markdown": text, "csv": text}.
-    """
-    rows, protocol = _as_rows(metrics)
-    pixels = ", ".join(f"{name}: {m['num_pixels']}" if name is not None else str(m["num_pixels"])
-                       for name, m in rows)
-    header = f"# Evaluation, {protocol}-class protocol\n\n"
-    if details:
-        header += "".join(f"- {line}\n" for line in details) + "\n"
-    markdown = (
-        header
-        + "Per-class IoU (%), columns in the order of the CLUDA paper's Table 1.\n\n"
-        + format_table(metrics, fmt="markdown", metric="iou")
-        + "\nPer-class accuracy (%), mean accuracy and overall pixel accuracy.\n\n"
-        + format_table(metrics, fmt="markdown", metric="acc")
-        + "\nn/a: IoU of a class that occurs in neither the ground truth nor the prediction, "
-          "accuracy of a class absent from the ground truth; such classes are left out of the "
-          f"means.\nGround-truth pixels scored: {pixels}.\n"
-    )
-    return {"markdown": markdown, "csv": format_table(metrics, fmt="csv", metric="iou", digits=2)}
-
-
-def _check_stem(stem: str) -> None:
-    if not isinstance(stem, str) or stem in ("", ".", "..") or "/" in stem or os.sep in stem:
-        raise ValueError(f"stem must be a plain file name, got {stem!r}")
-
-
-def write_metrics(metrics: Mapping[str, Any], out_dir: str | os.PathLike, stem: str, *,
-                  details: Sequence[str] = ()) -> dict[str, Path]:
-    """Write the tables as `<out_dir>/<stem>.md` and `<out_dir>/<stem>.csv`, atomically.
-
-    The Markdown file holds the IoU table (Table 1 order, with mIoU), the accuracy table (with
-    mAcc and aAcc) and the absent-class convention; the CSV file holds the IoU table in CSV with
-    two decimals. Both files are rendered first and then each is written to a temporary file and
-    renamed over its destination, so a failure leaves any earlier files untouched.
-
-    Args:
-        metrics: as `format_table`.
-        out_dir: directory (created if missing).
-        stem: file name without extension, no path separators.
-        details: lines put under the Markdown title (see `render_metrics`).
-
-    Returns:
-        {"markdown": path, "csv": path}.
-    """
-    _check_stem(stem)
-    texts = render_metrics(metrics, details=details)
-    out_dir = Path(out_dir)
-    paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
-    atomic_write_files({paths[k]: texts[k] for k in paths})
-    return paths
-
-
-# --------------------------------------------------------------------------------------------
-# Inference with test-time augmentation, and the evaluation loop
-# --------------------------------------------------------------------------------------------
-
-def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    try:
-        scales = tuple(float(s) for s in scales)
-    except TypeError as e:
-        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from e
-    if not scales or not all(math.isfinite(s) and s > 0 for s in scales):
-        raise ValueError(f"scales must be a non-empty sequence of positive numbers, got {scales}")
-    return scales
-
-
-@torch.no_grad()
-def predict_probs(predict_fn: Callable[[torch.Tensor], torch.Tensor], img: torch.Tensor, *,
-                  out_size: tuple[int, int] | None = None, num_classes: int | None = None,
-                  flip: bool = False, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
-    """Class probabilities of a batch at `out_size`, averaged over test-time augmentations.
-
-    For each scale s the input is resized bilinearly to round(s * (H, W)); with `flip` the
-    mirrored input is run too. Each view's logits are resized bilinearly to `out_size`, turned
-    into softmax probabilities and mirrored back, and the probabilities are averaged.
-
-    Args:
-        predict_fn: img (B, 3, h, w) -> logits (B, K, h', w') at any resolution, e.g.
-            `lambda x: segmentor.inference(x, mode="slide")`. It runs under `torch.no_grad()`;
-            putting the model in eval mode is the caller's job.
-        img: (B, 3, H, W) floating point, normalised as the model expects.
-        out_size: (H_out, W_out) of the result, the label's full resolution; default (H, W).
-        num_classes: if given, the K the logits must have.
-        flip: also run the horizontally mirrored input.
-        scales: input scale factors.
-
-    Returns:
-        (B, K, H_out, W_out) float32 probabilities on the logits' device.
-    """
-    if not isinstance(img, torch.Tensor):
-        raise TypeError(f"img must be a tensor, got {type(img).__name__}")
-    if img.dim() != 4:
-        raise ValueError(f"img must be (B, C, H, W), got shape {tuple(img.shape)}")
-    if not img.is_floating_point():
-        raise TypeError(f"img must be floating point (normalised), got dtype {img.dtype}")
-    scales = _check_scales(scales)
-    height, width = img.shape[-2:]
-    out_size = (height, width) if out_size is None else tuple(int(s) for s in out_size)
-    if len(out_size) != 2 or min(out_size) < 1:
-        raise ValueError(f"out_size must be (H, W) with positive sizes, got {out_size}")
-    total = None
-    views = 0
-    for s in scales:
-        size = (max(1, round(height * s)), max(1, round(width * s)))
-        x = img if size == (height, width) else F.interpolate(
-            img, size=size, mode="bilinear", align_corners=False)
-        for mirrored in ((False, True) if flip else (False,)):
-            logits = predict_fn(x.flip(-1) if mirrored else x)
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 4 \
-                    or logits.shape[0] != img.shape[0]:
-                got = (tuple(logits.shape) if isinstance(logits, torch.Tensor)
-                       else type(logits).__name__)
-                raise ValueError(f"predict_fn must return logits (B={img.shape[0]}, K, h, w), "
-                                 f"got {got}")
-            if num_classes is not None and logits.shape[1] != num_classes:
-                raise ValueError(f"predict_fn returned {logits.shape[1]} classes, "
-                                 f"expected num_classes={num_classes}")
-            logits = logits.float()
-            if tuple(logits.shape[-2:]) != out_size:
-                logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-            probs = logits.softmax(dim=1)
-            if mirrored:
-                probs = probs.flip(-1)
-            total = probs if total is None else total + probs
-            views += 1
-    return total / views
-
-
-def _batches(sample: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample dict -> (img (B, 3, H, W), label (B, H_l, W_l)), checked."""
-    if not isinstance(sample, Mapping):
-        raise TypeError(f"sample {index} must be a dict with 'img' and 'label', got "
-                        f"{type(sample).__name__}")
-    if "img" not in sample or "label" not in sample:
-        raise ValueError(f"sample {index} must have keys 'img' and 'label', got {sorted(sample)}")
-    img, label = sample["img"], sample["label"]
-    if not isinstance(img, torch.Tensor) or not isinstance(label, torch.Tensor):
-        raise TypeError(f"sample {index}: 'img' and 'label' must be tensors")
-    if img.dim() == 3:
-        img = img.unsqueeze(0)
-    if label.dim() == 2:
-        label = label.unsqueeze(0)
-    if img.dim() != 4 or label.dim() != 3 or img.shape[0] != label.shape[0]:
-        raise ValueError(f"sample {index}: expected img (3, H, W) / (B, 3, H, W) and label "
-                         f"(H, W) / (B, H, W), got {tuple(sample['img'].shape)} and "
-                         f"{tuple(sample['label'].shape)}")
-    return img, label
-
-
-def evaluate(predict_fn: Callable[[torch.Tensor], torch.Tensor],
-             data: Iterable[Mapping[str, Any]], *, num_classes: int = 19,
-             protocols: Sequence[int] = (19,), flip: bool = False,
-             scales: Sequence[float] = (1.0,), device: torch.device | str = "cpu",
-             progress: bool = True,
-             memory_check: Callable[..., None] | None = None) -> dict[str, Any]:
-    """Evaluate a predict function over a data set at the labels' full resolution.
-
-    Args:
-        predict_fn: img (B, 3, h, w) -> logits (B, K, h', w'), any resolution (see
-            `predict_probs`); it runs under `torch.no_grad()`.
-        data: an iterable (a list, a DataLoader) of sample dicts with `img` (3, H, W) or
-            (B, 3, H, W) float normalised and `label` (H_l, W_l) or (B, H_l, W_l) integer train ids
-            at full resolution (255 = ignore). Other keys are ignored.
-        num_classes: K; the logits must have K channels.
-        protocols: keys of `cluda.data.labels.PROTOCOLS` to report (19, 16, 13).
-        flip: horizontal-flip test-time augmentation.
-        scales: multi-scale test-time augmentation (input scale factors); probabilities of all
-            views are averaged.
-        device: where images go and the confusion matrix accumulates.
-        progress: show a tqdm bar.
-        memory_check: called as `memory_check(img_shape, label_size, what=<image path>)` before
-            each batch's inference, e.g. a `cluda.inference_memory.MemoryCheck`, which raises
-            when the batch cannot fit in memory.
-
-    Returns:
-        {"metrics": {protocol: compute_metrics(...) dict}, "matrix": (K, K) int64 tensor on
-        `device`, "num_images": int}.
-    """
-    protocols = tuple(protocols)
-    for p in protocols:
-        if p not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {p!r}; known: {sorted(PROTOCOLS)}")
-        if max(PROTOCOLS[p]) >= num_classes:
-            raise ValueError(f"the {p}-class protocol needs num_classes >= "
-                             f"{max(PROTOCOLS[p]) + 1}, got {num_classes}")
-    scales = _check_scales(scales)
-    cm = ConfusionMatrix(num_classes, device=device)
-    num_images = 0
-    try:
-        total = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    for i, sample in enumerate(tqdm(data, total=total, disable=not progress, desc="evaluate")):
-        img, label = _batches(sample, i)
-        if memory_check is not None:
-            paths = sample.get("path", f"sample {i}")
-            memory_check(tuple(img.shape), tuple(label.shape[-2:]),
-                         what=paths[0] if isinstance(paths, (list, tuple)) else str(paths))
-        img = img.to(device, non_blocking=True)
-        label = label.to(device, non_blocking=True)
-        probs = predict_probs(predict_fn, img, out_size=tuple(label.shape[-2:]),
-                              num_classes=num_classes, flip=flip, scales=scales)
-        cm.update(probs.argmax(dim=1), label)
-        num_images += img.shape[0]
-    return {
-        "metrics": {p: compute_metrics(cm.matrix, protocol=p) for p in protocols},
-        "matrix": cm.matrix,
-        "num_images": num_images,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints for inference (shared with `cluda.predict`)
-# --------------------------------------------------------------------------------------------
-
-class InputError(UserError):
-    """Bad input the user can fix: a missing or truncated file, a config that does not fit the
-    checkpoint's weights, an unreadable image. The command lines print its one-line message
-    and exit with status 2, without a traceback (as every `cluda.errors` user error)."""
-
-
-@contextlib.contextmanager
-def input_errors() -> Iterator[None]:
-    """Turn the errors that bad files and configs raise (FileNotFoundError, PermissionError,
-    ValueError, which includes `cluda.config.ConfigError`) into `InputError`.
-
-    Only the loading steps run inside it, so a bug in the model or the metrics still shows its
-    traceback."""
-    try:
-        yield
-    except InputError:
-        raise
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-            ValueError) as err:
-        raise InputError(" ".join(str(err).split())) from err  # one line
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
-
-
-def model_config_differences(stored: Mapping[str, Any], cfg: Config) -> list[str]:
-    """Where the `model` section of `cfg` differs from a checkpoint's stored config.
-
-    Args:
-        stored: the checkpoint's "config" entry (a plain nested dict; keys it lacks count as the
-            schema's defaults).
-        cfg: the config the network is about to be built from.
-
-    Returns:
-        One "model.key: <value> here, <value> in the checkpoint" string per differing key,
-        `model.pretrained` left out (the weights come from the checkpoint anyway).
-    """
-    used = _flatten(config_to_dict(cfg)["model"], "model")
-    defaults = _flatten(config_to_dict(Config())["model"], "model")
-    raw = stored.get("model") if isinstance(stored, Mapping) else None
-    have = _flatten(raw, "model") if isinstance(raw, Mapping) else {}
-    diffs = []
-    for key, value in used.items():
-        old = have.get(key, defaults.get(key))
-        if key != "model.pretrained" and old != value:
-            diffs.append(f"{key}: {value!r} here, {old!r} in the checkpoint")
-    return diffs
-
-
-def load_inference_model(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                         overrides: Sequence[str] = (), weights: str = "student"
-                         ) -> tuple[nn.Module, Config, dict[str, Any]]:
-    """Rebuild a trained network from a `train.py` checkpoint, reading the file once.
-
-    The network is built from the checkpoint's stored config, or from the YAML file `config`
-    when given (e.g. other data paths on this machine); `--section.key=value` overrides apply
-    to either. The weights must fit the network exactly (`load_state_checked`); when they do
-    not and the model section in use differs from the stored one, the error names those keys.
-
-    Args:
-        checkpoint: a `latest.pt` / `best.pt` written by `train.py`.
-        config: a YAML experiment used instead of the stored config, or None.
-        overrides: `--section.key=value` strings.
-        weights: "student" (what DAFormer / HRDA evaluate) or "teacher" (the EMA network).
-
-    Returns:
-        (network in eval mode on the CPU, its Config, info) with info = {"checkpoint": path,
-        "iteration": int (-1 if not stored), "weights": str, "model_differences": list of
-        model keys that differ from the stored config but do not change the weights' shapes
-        (e.g. `model.hrda.hr_slide_size`)}.
-
-    Raises:
-        InputError: missing / truncated / foreign checkpoint, bad config or override, no such
-            weights in the file, weights that do not fit the network.
-    """
-    path = os.fspath(checkpoint)
-    if weights not in ("student", "teacher"):
-        raise InputError(f"weights must be 'student' or 'teacher', got {weights!r}")
-    with input_errors():
-        state = load_checkpoint(path, map_location="cpu")
-        if config is not None:
-            cfg = load_experiment(os.fspath(config), list(overrides))
-        else:
-            cfg = config_from_checkpoint(state, path=path, overrides=tuple(overrides))
-        if state.get(weights) is None:
-            hint = " (a source-only run has no teacher; use the student)" \
-                if weights == "teacher" else ""
-            raise ValueError(f"checkpoint {path} holds no {weights} weights{hint}")
-        diffs = model_config_differences(state["config"], cfg)
-        # The weights come from the checkpoint: never read an ImageNet file for the encoder.
-        model = build_model(dataclasses.replace(
-            cfg, model=dataclasses.replace(cfg.model, pretrained=None)))
-        try:
-            load_state_checked(model, state[weights], what=f"checkpoint {path} ({weights})")
-        except ValueError as err:
-            if not diffs:
-                raise
-            where = f"config {config} differs" if config is not None else "the overrides differ"
-            raise ValueError(f"{err}; {where} from the checkpoint's stored config in "
-                             + "; ".join(diffs)) from err
-    iteration = state.get("iteration")
-    info = {"checkpoint": path, "iteration": int(iteration) if iteration is not None else -1,
-            "weights": weights, "model_differences": diffs}
-    return model.eval(), cfg, info
-
-
-def note_model_differences(diffs: Sequence[str]) -> None:
-    """Tell the user (stderr) that the network was built with model settings other than the
-    stored ones: the weights fit, but inference may differ (e.g. HRDA's HR window size)."""
-    if diffs:
-        print("note: the model section differs from the checkpoint's stored config (the weights "
-              "fit): " + "; ".join(diffs), file=sys.stderr)
-
-
-def inference_device(cfg: Config) -> torch.device:
-    """`experiment.device` as a torch device; InputError if CUDA is asked for and absent."""
-    try:
-        return resolve_device(cfg)
-    except ValueError as err:  # ConfigError
-        raise InputError(str(err)) from err
-
-
-def inference_context(device: torch.device, cfg: Config) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on CUDA when `train.amp` is set, as `train.py` evaluates during
-    training (so the numbers agree); nothing on the CPU."""
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluating a checkpoint, and the command line
-# --------------------------------------------------------------------------------------------
-
-def evaluate_checkpoint(checkpoint: str | os.PathLike, *, config: str | os.PathLike | None = None,
+from typing import Any, Mapping, Sequence
+
+from cluda.build import build_val_dataset
+from cluda.checkpoint import load_model_from_checkpoint
+from cluda.cli import check_out_dir, flag_overrides, note_model_differences, parse_cli
+from cluda.config import Config, to_dict
+from cluda.data.labels import CLASS_NAMES, PROTOCOLS
+from cluda.device import backend_settings, resolve_device, setup_distributed
+from cluda.errors import EXIT_STATUS_HELP, InputError, input_errors, run_cli
+from cluda.fileio import atomic_write_files
+from cluda.inference import evaluate, evaluate_model, predict_probs
+from cluda.metrics import ConfusionMatrix, compute_metrics, format_table, render_metrics, write_metrics
+
+__all__ = ["evaluate_checkpoint", "evaluation_stem", "render_evaluation", "run", "main",
+           # the metrics and the evaluation loop, under the names this module has always had
+           "ConfusionMatrix", "compute_metrics", "format_table", "write_metrics", "evaluate",
+           "evaluate_model", "predict_probs"]
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, *,
+                        config: str | os.PathLike | Config | None = None,
                         overrides: Sequence[str] = (), weights: str = "student",
                         progress: bool = True) -> dict[str, Any]:
     """mIoU and per-class IoU / accuracy of a checkpoint on its target validation split.
 
     Data set, inference mode, protocols, test-time augmentation and device come from the
-    config (see `load_inference_model`): `data.val`, `eval.*`, `experiment.device`.
+    config (see `cluda.checkpoint.load_model_from_checkpoint`): `data.val`, `eval.*`,
+    `experiment.device`. Under torchrun each process evaluates a share of the images.
 
     Args:
         checkpoint: a checkpoint written by `train.py`.
-        config: a YAML experiment used instead of the stored config, or None.
+        config: a YAML experiment (or a `Config`) used instead of the stored config, or None.
         overrides: `--section.key=value` strings, e.g. `--eval.mode=slide`.
         weights: "student" or "teacher".
         progress: show a tqdm bar.
 
     Returns:
-        `evaluate`'s dict ({"metrics": {protocol: metrics dict}, "matrix", "num_images"}) plus
-        "config" (the Config used), "device" (str) and the info of `load_inference_model`.
+        `evaluate_model`'s dict plus "config" (the Config used), "device" (str), "rank" and the
+        info of `load_model_from_checkpoint`.
     """
-    model, cfg, info = load_inference_model(checkpoint, config=config, overrides=overrides,
-                                            weights=weights)
-    device = inference_device(cfg)
+    model, cfg, info = load_model_from_checkpoint(checkpoint, config=config, overrides=overrides,
+                                                  weights=weights)
+    rank, world, local_rank = setup_distributed()
+    device = resolve_device(cfg, local_rank)
     v = cfg.data.val
     if v.split not in (None, "val") and v.kind in ("gta", "synthia"):
         raise InputError(f"data.val.split {v.split!r}: {v.kind} data sets have no splits")
     with input_errors():
         val = build_val_dataset(cfg)
     if len(val) == 0:
-        raise InputError(f"the validation set of data.val ({cfg.data.val.kind}, root "
-                         f"{cfg.data.val.root}, split {cfg.data.val.split or 'val'}) is empty")
-    loader = torch.utils.data.DataLoader(val, batch_size=cfg.eval.batch_size,
-                                         num_workers=cfg.eval.workers,
-                                         generator=torch.Generator())
+        raise InputError(f"the validation set of data.val ({v.kind}, root {v.root}, split "
+                         f"{v.split or 'val'}) is empty")
     model.to(device)
-    with inference_context(device, cfg):
-        result = evaluate(make_predict_fn(model, cfg), loader, num_classes=cfg.model.num_classes,
-                          protocols=cfg.eval.protocols, flip=cfg.eval.flip,
-                          scales=cfg.eval.scales, device=device, progress=progress,
-                          memory_check=MemoryCheck(model, cfg, device))
-    result.update(info, config=cfg, device=str(device))
+    with backend_settings(cfg):
+        result = evaluate_model(model, val, cfg, device, rank=rank, world=world, progress=progress)
+    result.update(info, config=cfg, device=str(device), rank=rank)
     return result
 
 
@@ -740,7 +120,6 @@ def render_evaluation(result: Mapping[str, Any], stem: str) -> dict[str, str]:
     one protocol and `<stem>_<protocol>.md/.csv` for several (as `train.py --eval-only`);
     and `<stem>.json` with every number at full precision (NaN written as null), the
     confusion matrix and the settings."""
-    _check_stem(stem)
     metrics = result["metrics"]
     details = _describe(result)
     files: dict[str, str] = {}
@@ -756,8 +135,8 @@ def render_evaluation(result: Mapping[str, Any], stem: str) -> dict[str, str]:
         "weights": result["weights"],
         "device": result["device"],
         "num_images": result["num_images"],
-        "data": config_to_dict(cfg)["data"]["val"],
-        "eval": config_to_dict(cfg)["eval"],
+        "data": to_dict(cfg)["data"]["val"],
+        "eval": to_dict(cfg)["eval"],
         "metrics": {str(p): {k: v for k, v in m.items()} for p, m in metrics.items()},
         "class_names": list(CLASS_NAMES),
         "confusion_matrix": result["matrix"].cpu().tolist(),
@@ -821,64 +200,32 @@ def _eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_OVERRIDE = re.compile(r"--[A-Za-z_]\w*(\.\w+)+=")
-
-
-def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-              *, intermixed: bool = False) -> tuple[argparse.Namespace, list[str]]:
-    """Parse `argv`. Every `--section.key=value` argument is a config override (returned as the
-    second element, in order); they are taken out before argparse sees them, since argparse
-    would read one whose value holds a space (`--eval.stride=[256, 256]`) as a positional.
-    Anything else the parser does not know is a usage error (exit status 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if _OVERRIDE.match(a)]
-    rest = [a for a in argv if not _OVERRIDE.match(a)]
-    if intermixed:
-        args, extra = parser.parse_known_intermixed_args(rest)
-    else:
-        args, extra = parser.parse_known_args(rest)
-    if extra:
-        parser.error(f"unrecognised arguments {extra}; config overrides are --section.key=value")
-    return args, overrides
-
-
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The common flags as `--section.key=value` overrides (values written as Python literals,
-    which `cluda.config.parse_overrides` reads back exactly)."""
-    out = []
-    for flag, key in (("split", "data.val.split"), ("protocols", "eval.protocols"),
-                      ("flip", "eval.flip"), ("scales", "eval.scales"), ("mode", "eval.mode"),
-                      ("device", "experiment.device")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            out.append(f"--{key}={list(value) if isinstance(value, list) else value!r}")
-    return out
-
-
-def check_out_dir(path: str | os.PathLike) -> Path:
-    """An output folder that exists or can be created (checked before any work is done)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"output folder {path} exists and is not a folder")
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m cluda.evaluate`; see `--help`. Returns the exit status: 0, or 2 after a user
     error (one line on stderr, `cluda.errors.run_cli`)."""
     return run_cli(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args, overrides = parse_cli(_eval_parser(), argv)
-    ckpt = Path(args.checkpoint)
-    out_dir = check_out_dir(args.out if args.out is not None else ckpt.parent)
-    result = evaluate_checkpoint(ckpt, config=args.config,
-                                 overrides=overrides + flag_overrides(args),
-                                 weights=args.weights, progress=not args.no_progress)
-    split = result["config"].data.val.split or "val"
-    stem = f"eval_{ckpt.stem}" + ("" if split == "val" else f"_{split}") \
-        + ("_teacher" if args.weights == "teacher" else "")
+def evaluation_stem(checkpoint: str | os.PathLike, *, split: str | None = None,
+                    weights: str = "student") -> str:
+    """`eval_<checkpoint>[_<split>][_teacher]`, the name of an evaluation's files."""
+    split = split or "val"
+    return (f"eval_{Path(checkpoint).stem}" + ("" if split == "val" else f"_{split}")
+            + ("_teacher" if weights == "teacher" else ""))
+
+
+def run(checkpoint: str | os.PathLike, *, config: str | os.PathLike | Config | None = None,
+        overrides: Sequence[str] = (), weights: str = "student",
+        out_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint, print the tables and write its files (`render_evaluation`) into
+    `out_dir` (default: the checkpoint's folder): `python -m cluda.evaluate` and
+    `train.py --eval-only`. Returns `evaluate_checkpoint`'s dict."""
+    out_dir = check_out_dir(out_dir if out_dir is not None else Path(checkpoint).parent)
+    result = evaluate_checkpoint(checkpoint, config=config, overrides=overrides, weights=weights,
+                                 progress=progress)
+    if result["rank"] != 0:
+        return result
+    stem = evaluation_stem(checkpoint, split=result["config"].data.val.split, weights=weights)
     with input_errors():
         files = render_evaluation(result, stem)
     for p, m in result["metrics"].items():
@@ -889,6 +236,13 @@ def _main(argv: Sequence[str] | None) -> int:
     summary = ", ".join(f"{100 * m['mIoU']:.2f} ({p} classes)"
                         for p, m in result["metrics"].items())
     print(f"\nmIoU {summary}; wrote {', '.join(str(p) for p in written)}")
+    return result
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args, overrides = parse_cli(_eval_parser(), argv)
+    run(args.checkpoint, config=args.config, overrides=overrides + flag_overrides(args),
+        weights=args.weights, out_dir=args.out, progress=not args.no_progress)
     return 0
 
 

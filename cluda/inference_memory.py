@@ -47,9 +47,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from cluda.config import Config
 from cluda.errors import UserError
 
-__all__ = ["MEMORY_ENV", "available_bytes", "estimate_bytes", "MemoryCheck"]
+__all__ = ["MEMORY_ENV", "available_bytes", "estimate_bytes", "MemoryCheck", "check_val_data"]
 
 MEMORY_ENV = "CLUDA_INFERENCE_MEMORY_GIB"
 GIB = 1024 ** 3
@@ -146,7 +147,7 @@ class MemoryCheck:
 
     Args:
         model: the network (a `Segmentor` or an `HRDA`), for its encoder's first-stage width.
-        cfg: the experiment (`cluda.experiment.Config`): `model.*`, `eval.*`.
+        cfg: the experiment (`cluda.config.Config`): `model.*`, `eval.*`.
         device: where inference runs.
     """
 
@@ -215,3 +216,23 @@ class MemoryCheck:
             lo, hi = (mid, hi) if fits else (lo, mid)
         long_side, short_side = max(height, width), min(height, width)
         return max(1, math.floor(long_side * lo)), max(1, math.floor(short_side * lo))
+
+
+def check_val_data(val_data, cfg: Config, memory_check: MemoryCheck) -> None:
+    """Fail at start-up, not at the first evaluation thousands of iterations in: read every
+    validation image and label once (real data sets; synthetic scenes are generated and cannot be
+    corrupt), and estimate the evaluation's memory for each image size (`eval.mode`, scales; the
+    memory free now, before training takes its share, so only what can never fit is refused)."""
+    if cfg.data.val.kind == "synthetic":
+        sizes = {(tuple(val_data[0]["img"].shape), tuple(val_data[0]["label"].shape[-2:]), "val[0]")}
+    else:
+        sizes = set()
+        loader = torch.utils.data.DataLoader(val_data, batch_size=None, num_workers=cfg.eval.workers)
+        for i, sample in enumerate(loader):
+            sizes.add((tuple(sample["img"].shape), tuple(sample["label"].shape[-2:]),
+                       str(sample.get("path", f"val[{i}]"))))
+    seen = set()
+    for img_shape, out_size, what in sorted(sizes):
+        if (img_shape, out_size) not in seen:
+            seen.add((img_shape, out_size))
+            memory_check((cfg.eval.batch_size,) + img_shape, out_size, what=what)

@@ -23,29 +23,8 @@ Total loss (CLUDA Eq. 6): l_ce^s + l_ce^t + L_CL^s + L_CL^m + lambda * L_FD, whe
   distance between the student's and a frozen ImageNet encoder's last-stage features on feature
   cells whose label is a thing class, averaged over those cells, times lambda = 0.005.
 
-`objective="released"` replays instead what the released CLUDA code (github.com/user0407/CLUDA,
-its `contrastive_loss` and `multi_resolution_cl`) computes, which is not Eq. 2-7. On the fused
-features resized to 65 x 65 (bilinear, align_corners=True; labels nearest; pixel weights
-bilinear), with tau = 1, w_i the mixed pixel weight (1 for the source term) and, for every row r
-of its N = B * 65 * 65 rows:
-
-- the feature of row r is pixel-major (row r = p * B + b: pixel p of image b) while its label and
-  weights are image-major (row r = b * 65 * 65 + p); at batch 1 the two agree, at batch 2 most
-  rows pair one pixel's feature with another pixel's label;
-- 255 is an ordinary class; every pair counts (its stuff / thing mask multiplies only positives,
-  which never cross the split, so it changes nothing);
-- P_r = rows j != r with label_j = label_r, l_rj = log(exp(s_rj) + Neg_r) - s_rj, Neg_r the sum
-  of exp(s_rn) over the rows n of other labels, s the cosine of two rows' features;
-- single resolution: L = 1/N sum_r 1/|P_r| sum_{j in P_r} w_r w_j l_rj (w_r w_j on positive
-  pairs only, rows without a positive count in N);
-- multi-resolution: the LR features are upsampled x2 (bilinear, align_corners=True) to the HR
-  frame, the HR detail features placed into a zero map of that frame, both then resized to 65 x 65;
-  a_r = delta (upsampled x2, align_corners=False, then to 65 x 65), m_r = 1 where the row's label
-  inside the detail box is not 0 (the box mask times the label, so "road" inside the box counts as
-  outside). Anchors are the LR rows only:
-  L = 0.5/N sum_r 1/|P_r| sum_{j in P_r} w_r w_j [a_r a_j m_r l_rj + (1 - a_r a_j m_r) x_rj],
-  with x_rj the same term between LR row r and HR row j (s: LR row against HR row; negatives: the
-  HR rows of other labels, zero features outside the box included).
+`objective="released"` replays instead what the released CLUDA code computes, which is not
+Eq. 2-7: `cluda.losses_released` (its module docstring says what that code does).
 
 The pixel InfoNCE itself, L_i for every pixel without the N x N matrix, is `kernels.pixel_infonce`.
 """
@@ -57,6 +36,7 @@ from torch import nn
 
 import kernels
 from cluda.data.labels import IGNORE_INDEX, NUM_CLASSES, THING_CLASSES
+from cluda.models.hrda import Box
 
 PAIR_POLICIES = ("all", "stuff", "stuff+thing")
 WEIGHTINGS = ("anchor", "pair")
@@ -64,7 +44,7 @@ OBJECTIVES = ("paper", "released")
 # The released code resizes every fused feature map to this grid before its loss.
 RELEASED_FEAT_SIZE = (65, 65)
 
-Box = Tuple[int, int, int, int]  # (top, left, height, width) in LR-feature cells
+# Detail crops on the LR feature grid: HRDA's (y1, y2, x1, x2) boxes, end-exclusive, in LR cells.
 Boxes = Union[Box, Sequence[Box], torch.Tensor]
 
 
@@ -72,35 +52,22 @@ Boxes = Union[Box, Sequence[Box], torch.Tensor]
 # Bringing labels and weights to the feature grid
 # ----------------------------------------------------------------------------------------------
 
-def _label_map(labels: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) integer tensor -> (B, H, W)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+def _label_map(labels: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) integer labels -> (B, H, W)."""
+    assert not labels.is_floating_point() and labels.dtype != torch.bool, labels.dtype
     if labels.dim() == 4 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if labels.dim() != 3:
-        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(labels.shape)}")
+    assert labels.dim() == 3, f"labels must be (B, H, W) or (B, 1, H, W), got {tuple(labels.shape)}"
     return labels
 
 
-def _weight_map(weights: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, H, W) or (B, 1, H, W) float tensor -> (B, H, W)."""
-    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor")
+def _weight_map(weights: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) float weights -> (B, H, W)."""
+    assert weights.is_floating_point(), weights.dtype
     if weights.dim() == 4 and weights.shape[1] == 1:
         weights = weights[:, 0]
-    if weights.dim() != 3:
-        raise ValueError(f"{name} must be (B, H, W) or (B, 1, H, W), got shape {tuple(weights.shape)}")
+    assert weights.dim() == 3, f"weights must be (B, H, W) or (B, 1, H, W), got {tuple(weights.shape)}"
     return weights
-
-
-def _check_feats(feats: torch.Tensor, name: str) -> None:
-    if not isinstance(feats, torch.Tensor) or not feats.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor")
-    if feats.dim() != 4:
-        raise ValueError(f"{name} must be (B, C, h, w), got shape {tuple(feats.shape)}")
 
 
 def _nearest(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -132,18 +99,13 @@ def to_feature_grid(feats: torch.Tensor, labels: torch.Tensor, weights: Optional
     Returns:
         feats (B, C, h', w'), labels (B, h', w') int64, weights (B, h', w') float32 or None.
     """
-    _check_feats(feats, "feats")
-    labels = _label_map(labels, "labels")
-    if labels.shape[0] != feats.shape[0]:
-        raise ValueError(f"labels hold {labels.shape[0]} images, feats {feats.shape[0]}")
+    labels = _label_map(labels)
+    assert feats.dim() == 4 and labels.shape[0] == feats.shape[0], (feats.shape, labels.shape)
     if weights is not None:
-        weights = _weight_map(weights, "weights")
-        if weights.shape != labels.shape:
-            raise ValueError(f"weights shape {tuple(weights.shape)} != labels shape {tuple(labels.shape)}")
+        weights = _weight_map(weights)
+        assert weights.shape == labels.shape, (weights.shape, labels.shape)
     if feat_size is not None:
         feat_size = tuple(int(s) for s in feat_size)
-        if len(feat_size) != 2 or min(feat_size) < 1:
-            raise ValueError(f"feat_size must be None or [h, w] with h, w >= 1, got {feat_size}")
         if tuple(feats.shape[-2:]) != feat_size:
             feats = F.interpolate(feats, size=feat_size, mode="bilinear", align_corners=False)
     size = feats.shape[-2:]
@@ -153,7 +115,7 @@ def to_feature_grid(feats: torch.Tensor, labels: torch.Tensor, weights: Optional
     return feats, labels, weights
 
 
-def _flatten(feats: torch.Tensor) -> torch.Tensor:
+def _pixel_rows(feats: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B * h * w, C), pixel order (b, y, x)."""
     return feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
 
@@ -162,19 +124,8 @@ def _flatten(feats: torch.Tensor) -> torch.Tensor:
 # Contrastive terms
 # ----------------------------------------------------------------------------------------------
 
-def _check_options(pairs: str, weighting: str, temperature: float, objective: str = "paper") -> None:
-    if pairs not in PAIR_POLICIES:
-        raise ValueError(f"pairs must be one of {PAIR_POLICIES}, got {pairs!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-
-
 # The arguments objective="released" fixes: (name, the default it must keep, what the released
-# code does instead).
+# code does instead). `cluda.config.validate` refuses a config that changes one.
 _RELEASED_FIXED = (
     ("temperature", 1.0, "tau = 1"),
     ("pairs", "stuff+thing", "all pairs"),
@@ -186,17 +137,13 @@ _RELEASED_FIXED = (
 )
 
 
-def _check_released(**given) -> None:
-    """ValueError unless every argument the released objective fixes is at its default."""
+def _assert_released(**given) -> None:
+    """Every argument the released objective fixes is at its default."""
     for name, default, what in _RELEASED_FIXED:
-        if name not in given:
-            continue
-        value = given[name]
-        if name == "thing_classes":
-            value = tuple(int(c) for c in value)
-        if value != default:
-            raise ValueError(f"objective='released' fixes {name} ({what}): leave it at its default "
-                             f"{default!r}, got {given[name]!r}")
+        if name in given:
+            value = tuple(given[name]) if name == "thing_classes" else given[name]
+            assert value == default, (f"objective='released' fixes {name} ({what}): leave it at its "
+                                      f"default {default!r}, got {given[name]!r}")
 
 
 def _infonce_sum(feats: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], *,
@@ -204,6 +151,7 @@ def _infonce_sum(feats: torch.Tensor, labels: torch.Tensor, weights: Optional[to
                  thing_classes: Sequence[int], ignore_index: int, impl: str,
                  variant: Optional[str] = None) -> torch.Tensor:
     """sum_i w_i L_i / A over flat pixels: feats (N, C), labels (N,), weights (N,) or None."""
+    assert pairs in PAIR_POLICIES and weighting in WEIGHTINGS, (pairs, weighting)
     n = feats.shape[0]
     if pairs == "all":
         groups = None
@@ -257,46 +205,44 @@ def contrastive_loss(feats: torch.Tensor, labels: torch.Tensor, weights: Optiona
         variant: passed to `kernels.pixel_infonce`: the Triton launch preset (None: the default).
         objective: "paper" (Eq. 2-5) or "released": the released code's objective (see the module
             docstring), which fixes temperature, pairs, weighting, feat_size, thing_classes and
-            ignore_index: those must keep their defaults (ValueError otherwise).
+            ignore_index: those must keep their defaults.
+
+    Options are checked where they enter, by `cluda.config.validate`; here they are asserted.
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. feats (and weights if they require grad).
     """
-    _check_options(pairs, weighting, temperature, objective)
+    assert objective in OBJECTIVES, objective
     if objective == "released":
-        _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
-                        feat_size=feat_size, thing_classes=thing_classes, ignore_index=ignore_index)
-        return _released_contrastive_loss(feats, labels, weights, impl=impl, variant=variant)
+        _assert_released(temperature=temperature, pairs=pairs, weighting=weighting,
+                         feat_size=feat_size, thing_classes=thing_classes, ignore_index=ignore_index)
+        from cluda import losses_released  # it reads this module's helpers and grid size
+
+        return losses_released.contrastive_loss(feats, labels, weights, impl=impl, variant=variant)
     feats, labels, weights = to_feature_grid(feats, labels, weights, feat_size=feat_size)
-    return _infonce_sum(_flatten(feats), labels.reshape(-1),
+    return _infonce_sum(_pixel_rows(feats), labels.reshape(-1),
                         None if weights is None else weights.reshape(-1), exclusive=None,
                         temperature=temperature, pairs=pairs, weighting=weighting,
                         thing_classes=thing_classes, ignore_index=ignore_index, impl=impl,
                         variant=variant)
 
 
-def _parse_boxes(boxes: Boxes, batch: int, h: int, w: int) -> List[Box]:
-    """One (top, left, height, width) box per image, checked to lie inside the (h, w) LR grid."""
+def _box_list(boxes: Boxes, batch: int, h: int, w: int) -> List[Box]:
+    """One (y1, y2, x1, x2) box per image, inside the (h, w) LR grid."""
     if isinstance(boxes, torch.Tensor):
         boxes = boxes.tolist()
     boxes = list(boxes)
     if len(boxes) == 4 and all(isinstance(v, (int, float)) for v in boxes):
         boxes = [tuple(boxes)] * batch  # one box for the whole batch
-    if len(boxes) != batch:
-        raise ValueError(f"need one box for the batch or one per image ({batch}), got {len(boxes)}")
-    out = []
-    for box in boxes:
-        if len(box) != 4 or any(float(v) != int(v) for v in box):
-            raise ValueError(f"a box is (top, left, height, width) in integer LR-feature cells, got {box}")
-        top, left, bh, bw = (int(v) for v in box)
-        if bh < 1 or bw < 1 or top < 0 or left < 0 or top + bh > h or left + bw > w:
-            raise ValueError(f"box {box} (top, left, height, width) does not fit the {h} x {w} LR feature grid")
-        out.append((top, left, bh, bw))
+    assert len(boxes) == batch, f"need one box for the batch or one per image ({batch}), got {boxes}"
+    out = [tuple(int(v) for v in box) for box in boxes]
+    assert all(0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w for y1, y2, x1, x2 in out), \
+        f"boxes {out} (y1, y2, x1, x2) must lie in the {h} x {w} LR feature grid"
     return out
 
 
 def box_mask(boxes: Boxes, *, batch: int, size: Sequence[int], device=None) -> torch.Tensor:
-    """(B, 1, h, w) bool mask, True inside each image's (top, left, height, width) box.
+    """(B, 1, h, w) bool mask, True inside each image's (y1, y2, x1, x2) box.
 
     Args:
         boxes: one box for all images, a sequence of B boxes or a (B, 4) integer tensor.
@@ -306,8 +252,8 @@ def box_mask(boxes: Boxes, *, batch: int, size: Sequence[int], device=None) -> t
     """
     h, w = size
     mask = torch.zeros(batch, 1, h, w, dtype=torch.bool, device=device)
-    for b, (top, left, bh, bw) in enumerate(_parse_boxes(boxes, batch, h, w)):
-        mask[b, 0, top:top + bh, left:left + bw] = True
+    for b, (y1, y2, x1, x2) in enumerate(_box_list(boxes, batch, h, w)):
+        mask[b, 0, y1:y2, x1:x2] = True
     return mask
 
 
@@ -315,7 +261,7 @@ def resample_box(x: torch.Tensor, boxes: Boxes, *, size: Sequence[int]) -> torch
     """Bilinearly resamples the box region of an LR map onto the HR grid that covers it.
 
     Each image's box is cropped and resized to `size` with `F.interpolate(..., mode="bilinear",
-    align_corners=False)`: HR pixel (y, x) reads the crop at (y + 0.5) * bh / hh - 0.5, clamped to
+    align_corners=False)`: HR pixel (y, x) reads the crop at (y + 0.5) * (y2 - y1) / hh - 0.5, clamped to
     the crop. So an HR pixel's value depends only on cells inside the box (the LR cells it lies
     under and their in-box neighbours). Differentiable w.r.t. x.
 
@@ -329,8 +275,8 @@ def resample_box(x: torch.Tensor, boxes: Boxes, *, size: Sequence[int]) -> torch
     """
     b, _, h, w = x.shape
     out = []
-    for i, (top, left, bh, bw) in enumerate(_parse_boxes(boxes, b, h, w)):
-        crop = x[i:i + 1, :, top:top + bh, left:left + bw]
+    for i, (y1, y2, x1, x2) in enumerate(_box_list(boxes, b, h, w)):
+        crop = x[i:i + 1, :, y1:y2, x1:x2]
         out.append(F.interpolate(crop, size=tuple(size), mode="bilinear", align_corners=False))
     return torch.cat(out)
 
@@ -362,8 +308,9 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
         lr_labels: (B, H, W) or (B, 1, H, W) labels of the whole crop (nearest to the LR grid).
         hr_feats: (B, C, h_hr, w_hr) fused features of the HR detail crop, or None (LR only).
         hr_labels: labels of the detail crop (nearest to the HR grid); needed with hr_feats.
-        boxes: each image's detail crop as (top, left, height, width) in LR-feature cells: one
-            box for the batch, a sequence of B boxes or a (B, 4) integer tensor.
+        boxes: each image's detail crop as (y1, y2, x1, x2) in LR-feature cells (HRDA's
+            `HRDAOutput.lr_box`): one box for the batch, a sequence of B boxes or a (B, 4) integer
+            tensor.
         delta: (B, 1, h_lr, w_lr) map in (0, 1) from the feature-weight head; needed when
             weighted. Gradients flow into it.
         lr_weights: optional pixel weights of the whole crop (mixed term), at lr_labels' size.
@@ -376,53 +323,47 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
             (see the module docstring; four op calls). It needs hr_feats, boxes and delta, reads
             the labels and weights of the whole crop only (hr_labels / hr_weights are not used:
             the released code takes the HR pixels' labels from the whole crop on its 65 x 65
-            grid), and fixes weighted and the options `contrastive_loss` lists (ValueError unless
-            they keep their defaults).
+            grid), and fixes weighted and the options `contrastive_loss` lists (they must keep
+            their defaults).
 
     Returns:
         0-dim float32 loss, differentiable w.r.t. lr_feats, hr_feats and delta.
     """
-    _check_options(pairs, weighting, temperature, objective)
+    assert objective in OBJECTIVES, objective
     if objective == "released":
-        _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
-                        thing_classes=thing_classes, ignore_index=ignore_index, weighted=weighted)
-        if hr_feats is None or boxes is None or delta is None:
-            raise ValueError("objective='released' multi-resolution CL needs hr_feats, boxes and "
-                             "delta (the released code has only its delta-weighted LR + HR loss)")
-        return _released_multires_loss(lr_feats, lr_labels, hr_feats, boxes=boxes, delta=delta,
-                                       weights=lr_weights, impl=impl, variant=variant)
+        _assert_released(temperature=temperature, pairs=pairs, weighting=weighting,
+                         thing_classes=thing_classes, ignore_index=ignore_index, weighted=weighted)
+        assert hr_feats is not None and boxes is not None and delta is not None, \
+            "objective='released' multi-resolution CL needs hr_feats, boxes and delta"
+        from cluda import losses_released
+
+        return losses_released.multires_loss(lr_feats, lr_labels, hr_feats, boxes=boxes, delta=delta,
+                                             weights=lr_weights, impl=impl, variant=variant)
     common = dict(temperature=temperature, pairs=pairs, weighting=weighting,
                   thing_classes=thing_classes, ignore_index=ignore_index, impl=impl, variant=variant)
     if hr_feats is None:
         return contrastive_loss(lr_feats, lr_labels, lr_weights, **common)
-    if hr_labels is None or boxes is None:
-        raise ValueError("multi-resolution CL with hr_feats needs hr_labels and boxes")
-    if (lr_weights is None) != (hr_weights is None):
-        raise ValueError("give both lr_weights and hr_weights (mixed term) or neither (source term)")
+    assert hr_labels is not None and boxes is not None, "hr_feats needs hr_labels and boxes"
+    assert (lr_weights is None) == (hr_weights is None), "both lr_weights and hr_weights, or neither"
     lr_feats, lr_labels, lr_weights = to_feature_grid(lr_feats, lr_labels, lr_weights)
     hr_feats, hr_labels, hr_weights = to_feature_grid(hr_feats, hr_labels, hr_weights)
     (b, c, h, w), (hh, ww) = lr_feats.shape, hr_feats.shape[-2:]
-    if hr_feats.shape[:2] != (b, c):
-        raise ValueError(f"hr_feats {tuple(hr_feats.shape)} must share batch and channels with "
-                         f"lr_feats {tuple(lr_feats.shape)}")
+    assert hr_feats.shape[:2] == (b, c), (hr_feats.shape, lr_feats.shape)
     if weighted:
-        if delta is None:
-            raise ValueError("weighted multi-resolution CL needs delta (or pass weighted=False)")
-        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (b, 1, h, w):
-            raise ValueError(f"delta must be (B, 1, h_lr, w_lr) = {(b, 1, h, w)}, got "
-                             f"{tuple(getattr(delta, 'shape', ()))}")
+        assert delta is not None and tuple(delta.shape) == (b, 1, h, w), \
+            f"weighted multi-resolution CL needs delta (B, 1, h_lr, w_lr) = {(b, 1, h, w)}"
         inside = box_mask(boxes, batch=b, size=(h, w), device=lr_feats.device)  # (B, 1, h, w)
         delta = delta.float()
         lr_w = torch.where(inside, delta, torch.ones_like(delta))[:, 0]          # (B, h, w)
         hr_w = 1 - resample_box(delta, boxes, size=(hh, ww))[:, 0]              # (B, hh, ww)
     else:
-        _parse_boxes(boxes, b, h, w)  # still reject a box that does not fit
+        _box_list(boxes, b, h, w)  # asserts that the boxes fit
         lr_w = torch.ones(b, h, w, device=lr_feats.device)
         hr_w = torch.ones(b, hh, ww, device=lr_feats.device)
     if lr_weights is not None:
         lr_w = lr_w * lr_weights
         hr_w = hr_w * hr_weights
-    feats = torch.cat([_flatten(lr_feats), _flatten(hr_feats).to(lr_feats.dtype)])  # (N_lr + N_hr, C)
+    feats = torch.cat([_pixel_rows(lr_feats), _pixel_rows(hr_feats).to(lr_feats.dtype)])  # (N_lr + N_hr, C)
     labels = torch.cat([lr_labels.reshape(-1), hr_labels.reshape(-1)])
     weights = torch.cat([lr_w.reshape(-1), hr_w.reshape(-1)])
     exclusive = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
@@ -430,150 +371,6 @@ def multires_contrastive_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor,
     return _infonce_sum(feats, labels, weights, exclusive=exclusive, temperature=temperature,
                         pairs=pairs, weighting=weighting, thing_classes=thing_classes,
                         ignore_index=ignore_index, impl=impl, variant=variant)
-
-
-# ----------------------------------------------------------------------------------------------
-# The released code's objective (objective="released")
-# ----------------------------------------------------------------------------------------------
-
-def _released_grid(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The released code's resize of features and weight maps: bilinear, align_corners=True."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
-def _pixel_major(feats: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (h * w * B, C), row p * B + b = pixel p of image b: the order of the
-    released code's `torch.cat(torch.unbind(feats, 1), 0)` on (B, h * w, C) features."""
-    return feats.flatten(2).permute(2, 0, 1).reshape(-1, feats.shape[1])
-
-
-# Labels are never negative, so -1 as the op's ignore_index makes every label, 255 included, a
-# class of its own, as in the released code.
-_NO_IGNORE = -1
-
-
-def _released_contrastive_loss(feats: torch.Tensor, labels: torch.Tensor,
-                               weights: Optional[torch.Tensor], *, impl: str,
-                               variant: Optional[str]) -> torch.Tensor:
-    """The released single-resolution loss (module docstring) as one op call: the features in the
-    released row order (pixel-major), labels and weights in theirs (image-major), u = w."""
-    _check_feats(feats, "feats")
-    labels = _label_map(labels, "labels")
-    if labels.shape[0] != feats.shape[0]:
-        raise ValueError(f"labels hold {labels.shape[0]} images, feats {feats.shape[0]}")
-    size = RELEASED_FEAT_SIZE
-    feats = _released_grid(feats, size)                          # (B, C, 65, 65)
-    rows = _pixel_major(feats)                                   # (N, C)
-    row_labels = _nearest(labels.long(), size).reshape(-1)       # (N,) image-major
-    w = None
-    if weights is not None:
-        weights = _weight_map(weights, "weights")
-        if weights.shape != labels.shape:
-            raise ValueError(f"weights shape {tuple(weights.shape)} != labels shape {tuple(labels.shape)}")
-        dtype = torch.float64 if feats.dtype == torch.float64 else torch.float32
-        w = _released_grid(weights[:, None].to(dtype), size).reshape(-1)  # (N,) image-major
-    per_row = kernels.pixel_infonce(rows, row_labels, temperature=1.0, pos_weight=w,
-                                    ignore_index=_NO_IGNORE, impl=impl, variant=variant)
-    if w is not None:
-        per_row = w.to(per_row.dtype) * per_row
-    return per_row.sum() / row_labels.numel()
-
-
-def _released_multires_loss(lr_feats: torch.Tensor, lr_labels: torch.Tensor, hr_feats: torch.Tensor,
-                            *, boxes: Boxes, delta: torch.Tensor, weights: Optional[torch.Tensor],
-                            impl: str, variant: Optional[str]) -> torch.Tensor:
-    """The released multi-resolution loss (module docstring) with four calls of the op.
-
-    Per LR anchor r the op sums u_j l_rj over the positives P_r for a partner weight u. The LR
-    term is one call (u = w * a, anchor weight w_r a_r m_r). The LR -> HR term pairs each LR row
-    with the HR rows only (the LR rows `exclusive`); its weight w_r w_j (1 - a_r a_j m_r) is
-    w_r w_j - (w_r a_r m_r)(w_j a_j): two calls, u = w and u = w * a. Those calls count HR row r
-    (which carries row r's label) as a positive of anchor r, which the released code leaves out
-    (the diagonal of its N x N mask), so its term u_r x_rr is taken off again. x_rr needs Neg_r,
-    which a fourth call gives: with one zero-feature partner per label holding all the positive
-    weight, (|P_r| + 1) L_r = log(Neg_r + K) for K labels (the K - 1 zero partners of other
-    labels add exp(0) = 1 each to the negatives).
-    """
-    _check_feats(lr_feats, "lr_feats")
-    _check_feats(hr_feats, "hr_feats")
-    lr_labels = _label_map(lr_labels, "lr_labels")
-    b, c, h, w = lr_feats.shape
-    hh, ww = hr_feats.shape[-2:]
-    if hr_feats.shape[:2] != (b, c) or lr_labels.shape[0] != b:
-        raise ValueError(f"hr_feats {tuple(hr_feats.shape)} and lr_labels {tuple(lr_labels.shape)} "
-                         f"must share the batch (and channels) of lr_feats {tuple(lr_feats.shape)}")
-    if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != (b, 1, h, w):
-        raise ValueError(f"delta must be (B, 1, h_lr, w_lr) = {(b, 1, h, w)}, got "
-                         f"{tuple(getattr(delta, 'shape', ()))}")
-    box_list = _parse_boxes(boxes, b, h, w)
-    scale = hh // box_list[0][2]
-    if any(bh * scale != hh or bw * scale != ww for _, _, bh, bw in box_list):
-        raise ValueError(f"objective='released' needs the {hh} x {ww} HR features to be an integer "
-                         f"multiple of every detail box (in LR cells), got {box_list}")
-    if weights is not None:
-        weights = _weight_map(weights, "lr_weights")
-        if weights.shape != lr_labels.shape:
-            raise ValueError(f"lr_weights shape {tuple(weights.shape)} != lr_labels shape "
-                             f"{tuple(lr_labels.shape)}")
-    dtype = torch.float64 if lr_feats.dtype == torch.float64 else torch.float32  # of the weights
-    dev = lr_feats.device
-    size = RELEASED_FEAT_SIZE
-    frame = (h * scale, w * scale)  # the HR frame on the stride-4 grid
-
-    # The released code's maps: LR features upsampled to the HR frame, HR features placed into a
-    # zero map of it, delta upsampled as HRDA's head resizes it; then all of them to 65 x 65.
-    lr_frame = F.interpolate(lr_feats, size=frame, mode="bilinear", align_corners=True)
-    hr_frame = torch.cat([F.pad(hr_feats[i:i + 1], (scale * left, frame[1] - scale * (left + bw),
-                                                     scale * top, frame[0] - scale * (top + bh)))
-                          for i, (top, left, bh, bw) in enumerate(box_list)])
-    att = F.interpolate(delta.to(dtype), size=frame, mode="bilinear", align_corners=False)
-    lr_rows = _pixel_major(_released_grid(lr_frame, size))                      # (N, C)
-    hr_rows = _pixel_major(_released_grid(hr_frame, size)).to(lr_rows.dtype)  # (N, C)
-    a = _released_grid(att, size).reshape(-1)                                   # (N,) image-major
-    labels = _nearest(lr_labels.long(), size)                                   # (B, 65, 65)
-    in_box = _nearest(box_mask(box_list, batch=b, size=(h, w), device=dev)[:, 0].long(), size)
-    m = (in_box * labels != 0).reshape(-1).to(dtype)                            # (N,)
-    labels = labels.reshape(-1)
-    n = labels.numel()
-    wt = (torch.ones(n, dtype=dtype, device=dev) if weights is None
-          else _released_grid(weights[:, None].to(dtype), size).reshape(-1))   # (N,)
-    classes, inverse = torch.unique(labels, return_inverse=True)
-    class_size = torch.bincount(inverse)[inverse].to(dtype)                    # (N,) |P_r| + 1
-    k = classes.numel()
-    op = dict(temperature=1.0, ignore_index=_NO_IGNORE, impl=impl, variant=variant)
-
-    # LR term: anchor weight w_r a_r m_r, partner weight w_j a_j.
-    lr_term = wt * a * m * kernels.pixel_infonce(lr_rows, labels, pos_weight=wt * a, **op)
-
-    # LR -> HR term: exclusive LR rows pair with the HR rows only; the HR rows' own results are
-    # not used.
-    rows = torch.cat([lr_rows, hr_rows])
-    row_labels = torch.cat([labels, labels])
-    lr_only = torch.arange(2 * n, device=dev) < n
-    zeros = torch.zeros(n, dtype=dtype, device=dev)
-
-    def positive_sum(u: torch.Tensor) -> torch.Tensor:
-        """(N,) sum of u_j x_rj over the HR rows j labelled like row r, HR row r included."""
-        per = kernels.pixel_infonce(rows, row_labels, exclusive=lr_only,
-                                    pos_weight=torch.cat([zeros, u]), **op)[:n]
-        return class_size * per
-
-    probe = kernels.pixel_infonce(
-        torch.cat([rows, rows.new_zeros(k, c)]), torch.cat([row_labels, classes]),
-        exclusive=torch.cat([lr_only, torch.zeros(k, dtype=torch.bool, device=dev)]),
-        pos_weight=torch.cat([zeros, zeros, torch.ones(k, dtype=dtype, device=dev)]), **op)[:n]
-    neg = (torch.exp((class_size + 1) * probe) - k).clamp_min(0)                 # (N,) Neg_r
-    v_lr = lr_rows.to(dtype) / lr_rows.to(dtype).norm(dim=1, keepdim=True).clamp_min(1e-12)
-    v_hr = hr_rows.to(dtype) / hr_rows.to(dtype).norm(dim=1, keepdim=True).clamp_min(1e-12)
-    s_rr = (v_lr * v_hr).sum(1)                                                  # (N,)
-    x_rr = torch.log(torch.exp(s_rr) + neg) - s_rr
-    cross = (wt * (positive_sum(wt) - wt * x_rr)
-             - wt * a * m * (positive_sum(wt * a) - wt * a * x_rr))
-    # |P_r| = class size - 1 (0: no positive, the released loss adds nothing for the row).
-    cross = torch.where(class_size > 1, cross / (class_size - 1).clamp_min(1), torch.zeros_like(cross))
-    return 0.5 * (lr_term + cross).sum() / n
 
 
 class ContrastiveLoss(nn.Module):
@@ -594,6 +391,8 @@ class ContrastiveLoss(nn.Module):
         variant: Triton launch preset of `kernels.pixel_infonce` (None: the default).
         objective: "paper" (Eq. 2-7) or "released" (the released code's objective; the options
             it fixes must keep their defaults, see `contrastive_loss`).
+
+    The options come checked from the config (`cluda.config.validate`); the functions assert them.
     """
 
     def __init__(self, *, temperature: float = 1.0, pairs: str = "stuff+thing",
@@ -601,11 +400,6 @@ class ContrastiveLoss(nn.Module):
                  thing_classes: Sequence[int] = THING_CLASSES, ignore_index: int = IGNORE_INDEX,
                  impl: str = "auto", variant: Optional[str] = None, objective: str = "paper"):
         super().__init__()
-        _check_options(pairs, weighting, temperature, objective)
-        if objective == "released":
-            _check_released(temperature=temperature, pairs=pairs, weighting=weighting,
-                            feat_size=feat_size, thing_classes=thing_classes,
-                            ignore_index=ignore_index)
         self.temperature = float(temperature)
         self.pairs = pairs
         self.weighting = weighting
@@ -665,17 +459,14 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     Returns:
         0-dim float32 loss.
     """
-    _check_feats(logits, "logits")
-    labels = _label_map(labels, "labels")
-    if labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels hold {labels.shape[0]} images, logits {logits.shape[0]}")
+    labels = _label_map(labels)
+    assert logits.dim() == 4 and labels.shape[0] == logits.shape[0], (logits.shape, labels.shape)
     if tuple(logits.shape[-2:]) != tuple(labels.shape[-2:]):
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     ce = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="none")
     if weights is not None:
-        weights = _weight_map(weights, "weights")
-        if weights.shape != labels.shape:
-            raise ValueError(f"weights shape {tuple(weights.shape)} != labels shape {tuple(labels.shape)}")
+        weights = _weight_map(weights)
+        assert weights.shape == labels.shape, (weights.shape, labels.shape)
         ce = ce * weights.float()
     return ce.mean()
 
@@ -691,7 +482,8 @@ def downscale_label_ratio(labels: torch.Tensor, *, size: Sequence[int], min_rati
     h * (H // h) / w * (W // w) are dropped, as average pooling does.
 
     Args:
-        labels: (B, H, W) or (B, 1, H, W) integer labels in [0, num_classes) or ignore_index.
+        labels: (B, H, W) or (B, 1, H, W) integer labels in [0, num_classes) or ignore_index
+            (other values are never a cell's majority class: such a cell becomes ignore_index).
         size: (h, w) of the feature grid.
         min_ratio: the fraction of the block the majority value must cover (0.75 in DAFormer).
         num_classes: number of classes.
@@ -700,17 +492,12 @@ def downscale_label_ratio(labels: torch.Tensor, *, size: Sequence[int], min_rati
     Returns:
         (B, h, w) int64 labels.
     """
-    labels = _label_map(labels, "labels").long()
+    labels = _label_map(labels).long()
     bsz, big_h, big_w = labels.shape
     h, w = (int(s) for s in size)
-    if h < 1 or w < 1 or big_h < h or big_w < w:
-        raise ValueError(f"cannot downscale a {big_h} x {big_w} label map to {h} x {w}")
+    assert 1 <= h <= big_h and 1 <= w <= big_w, f"cannot downscale {big_h} x {big_w} to {h} x {w}"
     sh, sw = big_h // h, big_w // w
-    if big_h // sh != h or big_w // sw != w:
-        raise ValueError(f"a {big_h} x {big_w} label map has no integer block size giving {h} x {w}")
-    valid = (labels == ignore_index) | ((labels >= 0) & (labels < num_classes))
-    if not bool(valid.all()):
-        raise ValueError(f"labels must lie in [0, {num_classes}) or be {ignore_index}")
+    assert big_h // sh == h and big_w // sw == w, f"no integer block gives {h} x {w} from {big_h} x {big_w}"
     # (B, h, w, sh * sw) blocks, with ignore recoded as class num_classes.
     blocks = labels[:, :h * sh, :w * sw].reshape(bsz, h, sh, w, sw).permute(0, 1, 3, 2, 4)
     blocks = blocks.reshape(bsz, h, w, sh * sw)
@@ -746,10 +533,7 @@ def feature_distance_loss(feats: torch.Tensor, imnet_feats: torch.Tensor, labels
     Returns:
         0-dim float32 loss lam * L_FD.
     """
-    _check_feats(feats, "feats")
-    if not isinstance(imnet_feats, torch.Tensor) or imnet_feats.shape != feats.shape:
-        raise ValueError(f"imnet_feats must have the student features' shape {tuple(feats.shape)}, "
-                         f"got {tuple(getattr(imnet_feats, 'shape', ()))}")
+    assert imnet_feats.shape == feats.shape, (imnet_feats.shape, feats.shape)
     cell_labels = downscale_label_ratio(labels, size=feats.shape[-2:], min_ratio=min_ratio,
                                         num_classes=num_classes, ignore_index=ignore_index)
     things = torch.tensor(list(thing_classes), dtype=cell_labels.dtype, device=cell_labels.device)

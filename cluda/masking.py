@@ -41,12 +41,9 @@ def block_mask(batch: int, height: int, width: int, *, block_size: int = 64, rat
     Returns:
         (B, 1, H, W) float32 mask with values in {0, 1}, constant on every block.
     """
-    if min(batch, height, width) < 1:
-        raise ValueError(f"batch, height and width must be >= 1, got {batch}, {height}, {width}")
-    if int(block_size) != block_size or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio must lie in [0, 1], got {ratio}")
+    assert min(batch, height, width) >= 1, f"batch, height and width must be >= 1, got {batch}, {height}, {width}"
+    assert int(block_size) == block_size >= 1, f"block_size must be a positive integer, got {block_size}"
+    assert 0.0 <= ratio <= 1.0, f"ratio must lie in [0, 1], got {ratio}"
     b = int(block_size)
     grid = (batch, 1, math.ceil(height / b), math.ceil(width / b))
     keep = (torch.rand(grid, generator=generator) >= ratio).float()  # (B, 1, ceil(H/b), ceil(W/b))
@@ -67,11 +64,8 @@ def mask_images(images: torch.Tensor, *, block_size: int = 64, ratio: float = 0.
     Returns:
         (B, C, H, W) masked images (a new tensor; `images` is not modified).
     """
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError(f"images must be a floating-point tensor, got "
-                        f"{getattr(images, 'dtype', type(images).__name__)}")
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    assert images.dim() == 4 and images.is_floating_point(), \
+        f"images must be floating-point (B, C, H, W), got {images.dtype} {tuple(images.shape)}"
     b, _, h, w = images.shape
     mask = block_mask(b, h, w, block_size=block_size, ratio=ratio, generator=generator,
                       device=images.device)

@@ -19,9 +19,9 @@ import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
-from cluda.config import ConfigError
+from cluda.config import Config, ConfigError, to_dict
 
-__all__ = ["RUN_FILES", "FREE_ON_RESUME", "RunFolder", "history_name", "flatten", "config_changes",
+__all__ = ["check_resume", "RUN_FILES", "FREE_ON_RESUME", "RunFolder", "history_name", "flatten", "config_changes",
            "needs_permission", "describe"]
 
 # What train.py writes into a run folder ("tb" is a folder; config.until_*.yaml are matched apart).
@@ -164,3 +164,22 @@ def describe(changes: Dict[str, Tuple[Any, Any]], keys: Optional[List[str]] = No
     """"optim.lr 6e-05 -> 0.0001, train.max_iters 16 -> 24"."""
     keys = list(changes) if keys is None else keys
     return ", ".join(f"{k} {changes[k][0]!r} -> {changes[k][1]!r}" for k in keys)
+
+
+def check_resume(cfg: Config, stored: Config, *, path: str, allow_changes: bool,
+                 start_iter: int) -> Dict:
+    """The config changes of a resume ({key: (stored, new)}); raises ConfigError for changes that
+    need --allow-changes without it, and for a schedule that already ended."""
+    changes = config_changes(to_dict(stored), to_dict(cfg))
+    gated = needs_permission(changes)
+    if gated and not allow_changes:
+        raise ConfigError(
+            f"cannot resume from {path}: the config differs from the checkpoint's in "
+            f"{describe(changes, gated)}; add --allow-changes to resume with them (they apply "
+            f"from iteration {start_iter + 1}; the previous config is kept as "
+            f"{history_name(start_iter)}), or start a new run (another experiment.name, or "
+            "--overwrite)")
+    if start_iter > cfg.train.max_iters:
+        raise ConfigError(f"cannot resume from {path}: it has done {start_iter} iterations, more than "
+                          f"train.max_iters {cfg.train.max_iters}")
+    return changes

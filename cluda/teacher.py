@@ -22,8 +22,6 @@ def make_teacher(student: nn.Module) -> nn.Module:
     Args:
         student: the network being trained (unwrapped, not a DistributedDataParallel wrapper).
     """
-    if not isinstance(student, nn.Module):
-        raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
     teacher = deepcopy(student).requires_grad_(False)
     return teacher.eval()
 
@@ -38,10 +36,7 @@ def ema_alpha(it: int, alpha: float = 0.999) -> float:
         it: the training iteration (0-based).
         alpha: the final EMA coefficient, in [0, 1].
     """
-    if it < 0:
-        raise ValueError(f"iteration must be >= 0, got {it}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    assert it >= 0 and 0.0 <= alpha <= 1.0, (it, alpha)
     return min(1.0 - 1.0 / (it + 1), alpha)
 
 
@@ -58,23 +53,19 @@ def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
         student: the trained model (unwrap DistributedDataParallel's `.module` first).
         alpha: weight of the old teacher, in [0, 1] (see `ema_alpha`).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    assert 0.0 <= alpha <= 1.0, f"alpha must lie in [0, 1], got {alpha}"
     t_state = dict(teacher.named_parameters())
     t_state.update(teacher.named_buffers())
     s_state = dict(student.named_parameters())
     s_state.update(student.named_buffers())
-    if t_state.keys() != s_state.keys():
-        missing = sorted(s_state.keys() - t_state.keys())[:5]
-        extra = sorted(t_state.keys() - s_state.keys())[:5]
-        raise ValueError(
-            "teacher and student have different parameters / buffers "
-            f"(only in student: {missing}, only in teacher: {extra})")
+    assert t_state.keys() == s_state.keys(), (
+        "teacher and student have different parameters / buffers (only in student: "
+        f"{sorted(s_state.keys() - t_state.keys())[:5]}, only in teacher: "
+        f"{sorted(t_state.keys() - s_state.keys())[:5]})")
     ema_t, ema_s = [], []
     for name, t in t_state.items():
         s = s_state[name]
-        if t.shape != s.shape:
-            raise ValueError(f"{name}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}")
+        assert t.shape == s.shape, f"{name}: teacher shape {tuple(t.shape)} != student shape {tuple(s.shape)}"
         if t.is_floating_point():
             ema_t.append(t)
             ema_s.append(s.detach().to(dtype=t.dtype, device=t.device))
@@ -111,12 +102,8 @@ def pseudo_label(logits: torch.Tensor, *, threshold: float = 0.968, ignore_top: 
     Returns:
         PseudoLabels(labels (B, H, W) int64, weights (B, H, W) float32, gamma () float32).
     """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
-        raise TypeError("logits must be a floating-point tensor")
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (B, K, H, W), got shape {tuple(logits.shape)}")
-    if ignore_top < 0 or ignore_bottom < 0:
-        raise ValueError(f"margins must be >= 0, got top={ignore_top}, bottom={ignore_bottom}")
+    assert logits.dim() == 4 and logits.is_floating_point(), f"logits must be (B, K, H, W), got {logits.shape}"
+    assert ignore_top >= 0 and ignore_bottom >= 0, (ignore_top, ignore_bottom)
     prob, labels = torch.softmax(logits.float(), dim=1).max(dim=1)  # (B, H, W) each
     gamma = (prob > threshold).float().mean()
     weights = gamma.expand_as(prob).clone()

@@ -45,19 +45,20 @@ generator seeded by (seed, iteration, rank), so a resumed run repeats them.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cluda.augment import MixedBatch, class_mix_masks, mix, strong_augment
 from cluda.data.labels import IGNORE_INDEX
+from cluda.device import step_seed
 from cluda.losses import ContrastiveLoss, feature_distance_loss, weighted_cross_entropy
 from cluda.masking import mask_images
 from cluda.models import HRDA, HRDAOutput, crop, random_crop_box
-from cluda.models.segmentor import resize
+from cluda.models.hrda import Box
+from cluda.models.segmentor import resize_bilinear
 from cluda.teacher import pseudo_label
 
 __all__ = ["UDAStep", "StepResult", "TrainForward", "SegOutput", "step_seed", "step_generator",
@@ -68,15 +69,6 @@ MULTIRES_MODES = ("lr", "lr+hr", "weighted")
 MIX_MODES = ("class", "none")
 TEACHER_BN_MODES = ("batch", "running")
 HR_CROP_MODES = ("random", "entropy")
-
-
-def step_seed(seed: int, it: int, rank: int = 0, stream: int = 0) -> int:
-    """A 63-bit seed that is a function of (seed, iteration, rank, stream) only (numpy's
-    SeedSequence hashing, so nearby tuples give unrelated seeds)."""
-    if min(seed, it, rank, stream) < 0:
-        raise ValueError(f"seed, iteration, rank and stream must be >= 0, got {seed}, {it}, {rank}, {stream}")
-    state = np.random.SeedSequence([int(seed), int(it), int(rank), int(stream)]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
 def step_generator(seed: int, it: int, rank: int = 0) -> torch.Generator:
@@ -106,7 +98,7 @@ class TrainForward(nn.Module):
         self.model = model
         self.is_hrda = isinstance(model, HRDA)
 
-    def forward(self, img: torch.Tensor, *, box: Optional[Tuple[int, int, int, int]] = None,
+    def forward(self, img: torch.Tensor, *, box: Optional[Box] = None,
                 with_delta: bool = True) -> Union[SegOutput, HRDAOutput]:
         """Args:
             img: (B, 3, H, W) training crop.
@@ -116,8 +108,7 @@ class TrainForward(nn.Module):
         """
         if not self.is_hrda:
             return SegOutput(*self.model.forward_with_features(img))
-        if box is None:
-            raise ValueError("HRDA training forward needs the detail box")
+        assert box is not None, "HRDA's training forward needs the detail box"
         out = self.model(img, box=box)
         if not with_delta:
             out.delta = None
@@ -133,7 +124,7 @@ class StepResult(NamedTuple):
 
 @torch.no_grad()
 def entropy_crop_box(probs: torch.Tensor, crop_size: Sequence[int], *, divisible: int = 8,
-                     exclude: Optional[torch.Tensor] = None) -> Tuple[int, int, int, int]:
+                     exclude: Optional[torch.Tensor] = None) -> Box:
     """The detail crop where the mean prediction entropy is highest (CLUDA appendix 7.4).
 
     Entropy H = -sum_k p_k log p_k per pixel (0 where `exclude`: pasted source pixels, whose labels
@@ -152,8 +143,8 @@ def entropy_crop_box(probs: torch.Tensor, crop_size: Sequence[int], *, divisible
     """
     hc, wc = (int(s) for s in crop_size)
     h, w = probs.shape[-2:]
-    if hc % divisible or wc % divisible or hc > h or wc > w:
-        raise ValueError(f"crop {hc}x{wc} must be a multiple of {divisible} inside the {h}x{w} image")
+    assert hc % divisible == 0 and wc % divisible == 0 and hc <= h and wc <= w, \
+        f"crop {hc}x{wc} must be a multiple of {divisible} inside the {h}x{w} image"
     p = probs.float().clamp_min(1e-12)
     ent = -(p * p.log()).sum(dim=1, keepdim=True)  # (B, 1, H, W)
     if exclude is not None:
@@ -181,8 +172,7 @@ def teacher_mode(teacher: nn.Module, bn: str = "batch"):
         teacher: the EMA model.
         bn: "batch" or "running".
     """
-    if bn not in TEACHER_BN_MODES:
-        raise ValueError(f"bn must be one of {TEACHER_BN_MODES}, got {bn!r}")
+    assert bn in TEACHER_BN_MODES, bn
     modes = [(m, m.training) for m in teacher.modules()]
     momenta = []
     for m, _ in modes:
@@ -198,12 +188,6 @@ def teacher_mode(teacher: nn.Module, bn: str = "batch"):
             m.training = was
         for m, momentum in momenta:
             m.momentum = momentum
-
-
-def _box_twh(box: Tuple[int, int, int, int]) -> Tuple[int, int, int, int]:
-    """(y1, y2, x1, x2) -> (top, left, height, width), the form of `cluda.losses`."""
-    y1, y2, x1, x2 = box
-    return (y1, x1, y2 - y1, x2 - x1)
 
 
 class UDAStep:
@@ -255,26 +239,12 @@ class UDAStep:
                  mic: bool = False, mic_block_size: int = 64, mic_ratio: float = 0.7,
                  mic_weight: float = 1.0, cl_masked: bool = False, seed: int = 0,
                  ignore_index: int = IGNORE_INDEX) -> None:
-        if mix not in MIX_MODES:
-            raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
-        if multires not in MULTIRES_MODES:
-            raise ValueError(f"multires must be one of {MULTIRES_MODES}, got {multires!r}")
-        if hr_crop not in HR_CROP_MODES:
-            raise ValueError(f"hr_crop must be one of {HR_CROP_MODES}, got {hr_crop!r}")
-        if teacher_bn not in TEACHER_BN_MODES:
-            raise ValueError(f"teacher_bn must be one of {TEACHER_BN_MODES}, got {teacher_bn!r}")
-        if start_iter < 0 or fd_lambda < 0 or cl_weight < 0:
-            raise ValueError(f"start_iter, fd_lambda and cl_weight must be >= 0, got {start_iter}, "
-                             f"{fd_lambda}, {cl_weight}")
-        if int(mic_block_size) != mic_block_size or mic_block_size < 1 or not 0 <= mic_ratio <= 1 \
-                or mic_weight < 0:
-            raise ValueError(f"mic_block_size must be a positive integer, mic_ratio in [0, 1] and "
-                             f"mic_weight >= 0, got {mic_block_size}, {mic_ratio}, {mic_weight}")
-        if cl_masked and not mic:
-            raise ValueError("cl_masked needs mic (the term lives on MIC's masked image)")
-        if contrastive is not None and not isinstance(contrastive, ContrastiveLoss):
-            raise TypeError(f"contrastive must be a cluda.losses.ContrastiveLoss or None, got "
-                            f"{type(contrastive).__name__}")
+        # The values come checked from the config (`cluda.config.validate`).
+        assert mix in MIX_MODES and multires in MULTIRES_MODES and hr_crop in HR_CROP_MODES \
+            and teacher_bn in TEACHER_BN_MODES, (mix, multires, hr_crop, teacher_bn)
+        assert min(start_iter, fd_lambda, cl_weight, mic_weight) >= 0 and mic_block_size >= 1 \
+            and 0 <= mic_ratio <= 1
+        assert mic or not cl_masked, "cl_masked needs mic (the term lives on MIC's masked image)"
         self.self_training = bool(self_training)
         self.start_iter = int(start_iter)
         self.pseudo_threshold = float(pseudo_threshold)
@@ -350,11 +320,9 @@ class UDAStep:
             StepResult(losses, stats).
         """
         fwd = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
-        if not isinstance(fwd, TrainForward):
-            raise TypeError("net must be a TrainForward (optionally inside DistributedDataParallel)")
-        if source_img.dim() != 4 or source_label.shape[-2:] != source_img.shape[-2:]:
-            raise ValueError(f"source images {tuple(source_img.shape)} and labels "
-                             f"{tuple(source_label.shape)} must be (B, 3, H, W) and (B, H, W)")
+        assert isinstance(fwd, TrainForward), type(fwd)
+        # source_img (B, 3, H, W), source_label (B, H, W)
+        assert source_img.dim() == 4 and source_label.shape[-2:] == source_img.shape[-2:]
         hrda: Optional[HRDA] = fwd.model if fwd.is_hrda else None
         gen = step_generator(self.seed, it, rank)
         with_delta = self.uses_delta(it)
@@ -369,19 +337,16 @@ class UDAStep:
         out = net(source_img, box=box, with_delta=with_delta)
         losses["src.ce"] = self._ce(out, source_label, None, hrda)
         if self.fd_lambda > 0:
-            if imnet is None:
-                raise ValueError("fd_lambda > 0 needs the frozen ImageNet encoder (imnet)")
+            assert imnet is not None, "fd_lambda > 0 needs the frozen ImageNet encoder (imnet)"
             losses["src.fd"] = self._fd(out, source_img, source_label, imnet, hrda)
         if self.cl_source:
             losses["src.cl"] = self.cl_weight * self._cl(out, source_label, None, hrda)
 
         if not self.target_active(it):
             return StepResult(losses, stats)
-        if teacher is None or target_img is None:
-            raise ValueError(f"iteration {it} runs self-training: teacher and target_img are needed")
-        if target_img.shape != source_img.shape:
-            raise ValueError(f"target images {tuple(target_img.shape)} must match the source "
-                             f"images {tuple(source_img.shape)}")
+        assert teacher is not None and target_img is not None, \
+            f"iteration {it} runs self-training: teacher and target_img are needed"
+        assert target_img.shape == source_img.shape, (target_img.shape, source_img.shape)
 
         pl, t_logits = self.pseudo_labels(teacher, target_img, valid=target_valid)
         stats["gamma"] = float(pl.gamma)
@@ -435,9 +400,7 @@ class UDAStep:
         pl = pseudo_label(logits, threshold=self.pseudo_threshold, ignore_top=self.ignore_top,
                           ignore_bottom=self.ignore_bottom)
         if valid is not None:
-            if valid.shape != pl.weights.shape:
-                raise ValueError(f"target_valid {tuple(valid.shape)} must match the target crops "
-                                 f"{tuple(pl.weights.shape)}")
+            assert valid.shape == pl.weights.shape, (valid.shape, pl.weights.shape)
             pl = pl._replace(weights=pl.weights * valid.to(pl.weights))
         return pl, logits
 
@@ -499,7 +462,7 @@ class UDAStep:
         else:
             feats = out.lr_features[-1]
             h, w = img.shape[-2:]
-            img = resize(img, (int(h * hrda.lr_scale), int(w * hrda.lr_scale)))
+            img = resize_bilinear(img, (int(h * hrda.lr_scale), int(w * hrda.lr_scale)))
         with torch.no_grad():
             imnet_feats = imnet(img)[-1]
         return feature_distance_loss(feats, imnet_feats, labels, lam=self.fd_lambda,
@@ -513,6 +476,6 @@ class UDAStep:
             return self.contrastive.multires(out.lr_fused, labels, lr_weights=weights)
         return self.contrastive.multires(
             out.lr_fused, labels, out.hr_fused, crop(labels, out.box),
-            boxes=_box_twh(out.lr_box), delta=out.delta if self.multires == "weighted" else None,
+            boxes=out.lr_box, delta=out.delta if self.multires == "weighted" else None,
             lr_weights=weights, hr_weights=None if weights is None else crop(weights, out.box),
             weighted=self.multires == "weighted")

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
-from cluda.experiment import build_model, config_to_dict, save_checkpoint
+from cluda.build import build_model
+from cluda.checkpoint import save_checkpoint
+from cluda.config import to_dict as config_to_dict
 
 # A MiT-B0 with a narrow decoder on three 64 x 96 synthetic validation scenes: ~0.7 s to build.
 TINY = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",

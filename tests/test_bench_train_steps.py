@@ -15,7 +15,7 @@ if str(REPO) not in sys.path:  # bench/ is not installed by setup.py
     sys.path.insert(0, str(REPO))
 
 from bench import train_steps as ts  # noqa: E402
-from cluda.experiment import load_experiment  # noqa: E402
+from cluda.config import load_experiment  # noqa: E402
 
 # Paper configs made small enough for a CPU step: MiT-B0, 64 x 64 crops (HRDA: 32 x 32 detail).
 TINY = ("--model.backbone=mit_b0", "--data.crop_size=[64,64]", "--data.batch_size=1",

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 import train
+from cluda.config import load_experiment
 from cluda.data import prepare as prep
 from cluda.data.labels import SYNTHIA_ID_TO_TRAINID
 from cluda.data.synthetic import make_scene, to_cityscapes_ids
-from cluda.experiment import load_experiment
 from png16 import write_png16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +185,7 @@ def test_a_paper_config_builds_its_real_mit_b5_network():
     """A full training step of MiT-B5 takes tens of seconds on this CPU; build the real network
     of gta2cs_daformer_cluda and run one forward pass instead."""
     import torch
-    from cluda.experiment import build_model
+    from cluda.build import build_model
 
     cfg = load_experiment(os.path.join(ROOT, "configs", "gta2cs_daformer_cluda.yaml"),
                           ["--model.pretrained=null"])

@@ -8,9 +8,9 @@ from cluda.data.datasets import SegmentationDataset
 from cluda.data.rcs import (RareClassSampler, compute_class_stats, rcs_class_probabilities,
                             summarize_stats)
 from cluda.data.transforms import (SegTransform, denormalize, eval_transform, normalize, pad,
-                                   random_crop, random_flip, rescale_size, resize,
+                                   random_crop, random_flip, rescale, rescale_size,
                                    train_transform)
-from cluda.data.uda import UDADataset
+from cluda.data.pairs import UDADataset
 
 
 class ArrayDataset(SegmentationDataset):
@@ -43,10 +43,10 @@ def test_resize_image_bilinear_label_nearest():
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (40, 80, 3)).astype(np.uint8)
     label = np.repeat(np.repeat(rng.integers(0, 19, (10, 20)), 4, 0), 4, 1).astype(np.uint8)
-    r_img, r_label = resize(img, label, scale=(40, 20))
+    r_img, r_label = rescale(img, label, scale=(40, 20))
     assert r_img.shape == (20, 40, 3) and r_label.shape == (20, 40)
     np.testing.assert_array_equal(r_label, label[1::2, 1::2])  # nearest: no new values
-    _, kept = resize(img, label, scale=(40, 20), resize_label=False)
+    _, kept = rescale(img, label, scale=(40, 20), resize_label=False)
     assert kept.shape == (40, 80)
 
 

@@ -14,11 +14,14 @@ import torch
 import yaml
 
 import cluda.evaluate as ev
+import cluda.inference as inference
 from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
+from cluda.build import build_model, build_val_dataset
+from cluda.checkpoint import save_checkpoint
+from cluda.config import load_experiment, to_dict as config_to_dict
 from cluda.data.labels import CLASS_NAMES, PROTOCOLS
-from cluda.evaluate import evaluate, format_table
-from cluda.experiment import (build_model, build_val_dataset, config_to_dict, load_experiment,
-                              make_predict_fn, save_checkpoint)
+from cluda.inference import evaluate, make_predict_fn
+from cluda.metrics import format_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,7 +166,7 @@ def _variant(tiny, folder, kind):
     if kind == "architecture":  # weights of an HRDA network under a plain DAFormer config
         return write_checkpoint(path, cfg, student, None, config_dict=config_to_dict(
             tiny_config(["--model.hrda.enabled=true", "--data.crop_size=[512, 512]"]))), \
-            [path, "missing: segmentor.encoder", "unexpected: encoder."]
+            [path, "missing key(s): segmentor.encoder", "unexpected key(s): encoder."]
     if kind == "class-count-config":
         data = config_to_dict(cfg)
         data["model"]["num_classes"] = 16
@@ -174,7 +177,7 @@ def _variant(tiny, folder, kind):
         state["decoder.classifier.weight"] = state["decoder.classifier.weight"][:16].clone()
         state["decoder.classifier.bias"] = state["decoder.classifier.bias"][:16].clone()
         save_checkpoint(path, {"config": config_to_dict(cfg), "iteration": 3, "student": state})
-        return path, [path, "decoder.classifier.weight (16, 16, 1, 1) vs model (19, 16, 1, 1)"]
+        return path, [path, "decoder.classifier.weight: checkpoint (16, 16, 1, 1) vs model (19, 16, 1, 1)"]
     if kind == "wider-decoder":
         wide = build_model(tiny_config(["--model.channels=24"]))
         return write_checkpoint(path, cfg, wide, None), \
@@ -225,7 +228,7 @@ def test_cli_bad_arguments(tiny, tmp_path, capsys):
 
 def test_cli_failure_midway_writes_nothing(tiny, tmp_path, monkeypatch):
     calls = []
-    real = ev.predict_probs
+    real = inference.predict_probs
 
     def fail_on_second(*args, **kwargs):
         calls.append(1)
@@ -233,7 +236,7 @@ def test_cli_failure_midway_writes_nothing(tiny, tmp_path, monkeypatch):
             raise RuntimeError("simulated failure on image 2")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "predict_probs", fail_on_second)
+    monkeypatch.setattr(inference, "predict_probs", fail_on_second)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="image 2"):
         ev.main(["--checkpoint", str(tiny["path"]), "--out", str(out), "--no-progress"])

@@ -1,17 +1,21 @@
-"""cluda.experiment: the schema (overrides, rejection, cross-field checks), the builders and the
-checkpoint files (atomic save, clear errors, model rebuilt from the stored config)."""
+"""cluda.config (the schema: overrides, rejection, cross-field checks), cluda.build (the builders)
+and cluda.checkpoint (atomic save, clear errors, model rebuilt from the stored config)."""
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from cluda.config import ConfigError, from_dict, to_dict
-from cluda.experiment import (Config, build_dataset, build_model, build_train_dataset,
-                              build_uda_step, build_val_dataset, load_checkpoint, load_experiment,
-                              load_model_from_checkpoint, make_predict_fn, save_checkpoint)
+from cluda.build import (build_dataset, build_model, build_train_dataset, build_uda_step,
+                         build_val_dataset)
+from cluda.checkpoint import load_checkpoint, load_model_from_checkpoint, save_checkpoint
+from cluda.config import Config, ConfigError, from_dict, load_experiment, to_dict
+from cluda.inference import make_predict_fn
 from cluda.models import HRDA, Segmentor
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--model.backbone=mit_b0", "--model.channels=16", "--model.embed_dim=16",
               "--model.aspp_channels=8", "--model.hrda.head_channels=8"]
 
@@ -86,7 +90,7 @@ def test_cross_field_checks(overrides, message):
 
 
 def test_the_smallest_temperature_is_accepted():
-    from cluda.experiment import MIN_TEMPERATURE
+    from cluda.config import MIN_TEMPERATURE
 
     assert tiny(f"--cl.temperature={MIN_TEMPERATURE}").cl.temperature == MIN_TEMPERATURE
 
@@ -99,7 +103,7 @@ def test_non_finite_values_are_refused(tmp_path):
 
 
 def test_triton_variant_reaches_the_op():
-    from cluda.experiment import build_uda_step
+    from cluda.build import build_uda_step
 
     step = build_uda_step(tiny("--cl.triton_variant=split"))
     assert step.contrastive.variant == "split" and "variant='split'" in repr(step.contrastive)
@@ -255,18 +259,20 @@ def test_checkpoint_round_trip_and_model_rebuilt_from_its_config(tmp_path):
     assert os.listdir(tmp_path / "ck") == ["latest.pt"]  # no temporary file left behind
     state = load_checkpoint(path)
     assert state["iteration"] == 7 and state["extra"] == [1, 2.5, "x"]
-    rebuilt, cfg2 = load_model_from_checkpoint(path)
+    rebuilt, cfg2, info = load_model_from_checkpoint(path)
     assert cfg2 == cfg and not rebuilt.training
+    assert info["iteration"] == 7 and info["weights"] == "student" and not info["model_differences"]
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(rebuilt.eval()(x)[0], model.eval()(x)[0])
     # overrides that keep the architecture are fine; ones that change it name the keys
-    _, cfg3 = load_model_from_checkpoint(path, ["--eval.mode=slide"])
+    _, cfg3, _ = load_model_from_checkpoint(path, overrides=["--eval.mode=slide"])
     assert cfg3.eval.mode == "slide"
-    with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch: decoder\.fuse"):
-        load_model_from_checkpoint(path, ["--model.channels=32"])
-    with pytest.raises(ValueError, match=r"missing: segmentor\.encoder.*unexpected: encoder\."):
-        load_model_from_checkpoint(path, ["--model.hrda.enabled=true", "--data.crop_size=[64,64]",
-                                          "--model.hrda.hr_crop_size=[32,32]"])
+    with pytest.raises(ValueError, match=r"latest\.pt.*shape mismatch\(es\): decoder\.fuse"):
+        load_model_from_checkpoint(path, overrides=["--model.channels=32"])
+    with pytest.raises(ValueError, match=r"missing key\(s\): segmentor\.encoder.*unexpected key\(s\): encoder\."):
+        load_model_from_checkpoint(path, overrides=["--model.hrda.enabled=true",
+                                                    "--data.crop_size=[64,64]",
+                                                    "--model.hrda.hr_crop_size=[32,32]"])
     with pytest.raises(ValueError, match="holds no teacher weights"):
         load_model_from_checkpoint(path, weights="teacher")
 
@@ -305,3 +311,42 @@ def test_a_failed_save_leaves_the_last_good_checkpoint_intact(tmp_path, monkeypa
     monkeypatch.undo()
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["latest.pt"]
     assert load_checkpoint(path)["iteration"] == 7
+
+
+def test_the_names_cluda_experiment_held_still_import_from_it():
+    import cluda.build
+    import cluda.checkpoint
+    import cluda.config
+    import cluda.experiment
+
+    assert cluda.experiment.load_experiment is cluda.config.load_experiment
+    assert cluda.experiment.Config is cluda.config.Config
+    assert cluda.experiment.build_model is cluda.build.build_model
+    assert cluda.experiment.load_checkpoint is cluda.checkpoint.load_checkpoint
+    assert cluda.experiment.config_to_dict is cluda.config.to_dict
+
+
+def test_pretrained_true_means_timm_s_download():
+    assert tiny("--model.backbone=test_efficientnet", "--model.pretrained=true").model.pretrained is True
+    assert tiny("--model.pretrained=false").model.pretrained is False  # random initialisation
+    assert tiny("--model.pretrained=pretrained/mit_b0.pth").model.pretrained == "pretrained/mit_b0.pth"
+    with pytest.raises(ConfigError, match=r"mit_b0 weights have no download.*pretrained/mit_b0\.pth"):
+        tiny("--model.pretrained=true")
+    with pytest.raises(ConfigError, match=r"model\.pretrained: expected null \| bool \| str"):
+        tiny("--model.pretrained=3")
+
+
+def test_pretrained_true_offline_fails_at_once_asking_for_a_local_file(tmp_path):
+    # HF_HUB_OFFLINE=1 and an empty hub cache: offline on any machine.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--model.backbone=test_efficientnet",
+         "--model.pretrained=true", "--experiment.device=cpu", f"--experiment.work_dir={tmp_path}",
+         "--data.workers=0", "--train.max_iters=1", "--uda.start_iter=0"],
+        env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: model.pretrained: true:"), proc.stderr
+    assert "test_efficientnet" in lines[0] and "local weights file" in lines[0]
+    assert not (tmp_path / "demo" / "config.yaml").exists()

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 
 import cluda.evaluate as ev
+import cluda.inference as inference
 import cluda.predict as pr
 from cli_helpers import TINY, one_thread, tiny_model, write_checkpoint  # noqa: F401
+from cluda.config import load_experiment
 from cluda.errors import UserError
-from cluda.experiment import load_experiment
-from cluda.inference_memory import GIB, MEMORY_ENV, MemoryCheck, estimate_bytes
+from cluda.inference_memory import estimate_bytes, GIB, MEMORY_ENV, MemoryCheck
 
 
 def test_estimate_is_the_documented_formula():
@@ -98,7 +99,7 @@ def test_evaluate_refuses_before_the_first_inference(ckpt, tmp_path, monkeypatch
     path, _ = ckpt
     monkeypatch.setenv(MEMORY_ENV, str(1e-6))
     calls = []
-    monkeypatch.setattr(ev, "predict_probs", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(inference, "predict_probs", lambda *a, **k: calls.append(1))
     rc = ev.main(["--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: synthetic") and "GiB available on cpu" in err

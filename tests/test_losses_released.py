@@ -83,13 +83,14 @@ def released_single(feats, labels, weights, size):
 def released_multires(lr, hr, labels, boxes, delta, weights, size):
     """The released HRDA head outputs, training-step resizes and `multi_resolution_cl`."""
     b, _, h, w = lr.shape
-    scale = hr.shape[-2] // boxes[0][2]
+    scale = hr.shape[-2] // (boxes[0][1] - boxes[0][0])
     # HRDA head: LR features upsampled to the HR frame, HR features inserted into zeros, the
     # feature weight upsampled, the box mask on the LR grid.
     flr = F.interpolate(lr, scale_factor=scale, mode="bilinear", align_corners=True)
     fhr = torch.zeros_like(flr)
     mask = torch.zeros(b, 1, h, w, dtype=torch.float64)
-    for i, (top, left, bh, bw) in enumerate(boxes):
+    for i, (y1, y2, x1, x2) in enumerate(boxes):
+        top, left, bh, bw = y1, x1, y2 - y1, x2 - x1
         fhr[i, :, scale * top:scale * (top + bh), scale * left:scale * (left + bw)] = hr[i]
         mask[i, :, top:top + bh, left:left + bw] = 1
     att = F.interpolate(delta, scale_factor=scale, mode="bilinear", align_corners=False)
@@ -200,7 +201,7 @@ def _multires(batch, gen, dtype=torch.float64):
     labels = _labels(batch, 16, 20, gen=gen)
     labels[:, 4:8, 4:8] = 0  # road inside the first box: the released m_r counts it as outside
     delta = torch.sigmoid(torch.randn(batch, 1, 4, 5, generator=gen, dtype=dtype))
-    boxes = [(1, 1, 2, 2), (2, 3, 2, 2)][:batch]
+    boxes = [(1, 3, 1, 3), (2, 4, 3, 5)][:batch]  # (y1, y2, x1, x2)
     return lr, hr, labels, delta, boxes
 
 
@@ -241,9 +242,9 @@ def test_multi_resolution_triton_matches_in_float32(small_grid):
 def test_multi_resolution_one_box_for_the_batch(small_grid):
     gen = torch.Generator().manual_seed(12)
     lr, hr, labels, delta, _ = _multires(2, gen)
-    loss = multires_contrastive_loss(lr, labels, hr, None, boxes=(1, 2, 2, 2), delta=delta,
+    loss = multires_contrastive_loss(lr, labels, hr, None, boxes=(1, 3, 2, 4), delta=delta,
                                      objective="released", impl="reference")
-    expected = released_multires(lr, hr, labels, [(1, 2, 2, 2)] * 2, delta, None, small_grid)
+    expected = released_multires(lr, hr, labels, [(1, 3, 2, 4)] * 2, delta, None, small_grid)
     torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
 
 
@@ -255,36 +256,37 @@ def test_multi_resolution_one_box_for_the_batch(small_grid):
     ("pairs", "all"), ("pairs", "stuff"), ("weighting", "pair"), ("temperature", 0.1),
     ("feat_size", [65, 65]), ("ignore_index", -1), ("thing_classes", (11, 12)),
 ])
-def test_released_rejects_the_options_it_fixes(option, value):
+def test_released_asserts_the_options_it_fixes(option, value):
+    # The config refuses them (cluda.config.validate); inside they are asserts.
     feats = torch.randn(1, 3, 4, 4)
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match=rf"objective='released' fixes {option}"):
+    with pytest.raises(AssertionError, match=rf"objective='released' fixes {option}"):
         contrastive_loss(feats, labels, objective="released", **{option: value})
     if option != "feat_size":
-        with pytest.raises(ValueError, match=rf"objective='released' fixes {option}"):
-            multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 0, 4, 4),
+        with pytest.raises(AssertionError, match=rf"objective='released' fixes {option}"):
+            multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 4, 0, 4),
                                       delta=torch.rand(1, 1, 4, 4), objective="released",
                                       **{option: value})
-    with pytest.raises(ValueError, match=rf"objective='released' fixes {option}"):
-        ContrastiveLoss(objective="released", **{option: value})
+    with pytest.raises(AssertionError, match=rf"objective='released' fixes {option}"):
+        ContrastiveLoss(objective="released", **{option: value})(feats, labels)
 
 
 def test_released_multires_needs_its_weighted_lr_hr_form():
     feats = torch.randn(1, 3, 4, 4)
     labels = torch.zeros(1, 8, 8, dtype=torch.long)
     delta = torch.rand(1, 1, 4, 4)
-    with pytest.raises(ValueError, match="objective='released' fixes weighted"):
-        multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 0, 4, 4), delta=delta,
+    with pytest.raises(AssertionError, match="objective='released' fixes weighted"):
+        multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 4, 0, 4), delta=delta,
                                   weighted=False, objective="released")
-    with pytest.raises(ValueError, match="needs hr_feats, boxes and delta"):
+    with pytest.raises(AssertionError, match="needs hr_feats, boxes and delta"):
         multires_contrastive_loss(feats, labels, None, objective="released")
-    with pytest.raises(ValueError, match="needs hr_feats, boxes and delta"):
-        multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 0, 4, 4),
+    with pytest.raises(AssertionError, match="needs hr_feats, boxes and delta"):
+        multires_contrastive_loss(feats, labels, feats, labels, boxes=(0, 4, 0, 4),
                                   objective="released")
-    with pytest.raises(ValueError, match="integer multiple"):
-        multires_contrastive_loss(feats, labels, torch.randn(1, 3, 5, 5), labels, boxes=(0, 0, 2, 2),
+    with pytest.raises(AssertionError, match="integer multiple"):
+        multires_contrastive_loss(feats, labels, torch.randn(1, 3, 5, 5), labels, boxes=(0, 2, 0, 2),
                                   delta=delta, objective="released")
-    with pytest.raises(ValueError, match="objective must be one of"):
+    with pytest.raises(AssertionError, match="original"):
         contrastive_loss(feats, labels, objective="original")
 
 

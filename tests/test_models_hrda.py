@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cluda.models.hrda import HRDA, box_to_grid, crop, random_crop_box
-from cluda.models.segmentor import build_segmentor, resize
+from cluda.models.segmentor import build_segmentor, resize_bilinear
 
 K = 5
 
@@ -156,11 +156,11 @@ def test_whole_prediction_fuses_lr_and_hr_windows(hrda):
     torch.manual_seed(6)
     img = torch.randn(2, 3, 60, 64)  # fits the HR window: one HR pass on the whole image
     seg = hrda.segmentor
-    lr_logits, _, lr_feats = seg.forward_with_features(resize(img, (30, 32)))
+    lr_logits, _, lr_feats = seg.forward_with_features(resize_bilinear(img, (30, 32)))
     grid = (15, 16)
-    att = resize(torch.sigmoid(hrda.attention_head(lr_feats)[0]), grid)
-    hr = resize(resize(seg(img)[0], (60, 64)), grid)
-    expected = att * hr + (1 - att) * resize(lr_logits, grid)
+    att = resize_bilinear(torch.sigmoid(hrda.attention_head(lr_feats)[0]), grid)
+    hr = resize_bilinear(resize_bilinear(seg(img)[0], (60, 64)), grid)
+    expected = att * hr + (1 - att) * resize_bilinear(lr_logits, grid)
     with torch.no_grad():
         torch.testing.assert_close(hrda.predict_whole(img), expected)
     # larger image: several HR windows, batched or not, give the same answer

@@ -677,7 +677,7 @@ def test_earlier_preset_name_in_a_stored_config():
     runs 'streamed'), 'wide' is refused with the replacement named."""
     pytest.importorskip("triton")
     from cluda.config import ConfigError
-    from cluda.experiment import load_experiment
+    from cluda.config import load_experiment
 
     cfg = load_experiment(None, ["--cl.triton_variant=bf16prod"])
     assert cfg.cl.triton_variant == "bf16prod"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from cluda.data.labels import (CITYSCAPES_ID_TO_TRAINID, IGNORE_INDEX, PALETTE, colorize,
-                               lookup_table)
-from cluda.predict import (comparison_figure, overlay, read_image, save_prediction,
-                           trainid_to_labelid)
+from cluda.data.io import read_image
+from cluda.data.labels import (CITYSCAPES_ID_TO_TRAINID, colorize, IGNORE_INDEX, lookup_table,
+                               PALETTE)
+from cluda.visualize import comparison_figure, overlay, save_prediction, trainid_to_labelid
 
 
 def random_pred(rng, h=23, w=37):

@@ -12,10 +12,11 @@ from PIL import Image
 
 import cluda.predict as pr
 from cli_helpers import TINY, check_error, one_thread, tiny_model, write_checkpoint  # noqa: F401
+from cluda.build import build_val_dataset
+from cluda.config import load_experiment
 from cluda.data.labels import CITYSCAPES_ID_TO_TRAINID, colorize, lookup_table
-from cluda.data.transforms import denormalize, normalize, resize
-from cluda.evaluate import predict_probs
-from cluda.experiment import build_val_dataset, load_experiment, make_predict_fn
+from cluda.data.transforms import denormalize, normalize, rescale
+from cluda.inference import make_predict_fn, predict_probs
 from png16 import write_png16
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def street_image(seed, height, width):
 def reference_prediction(model, cfg, image):
     """The evaluation's pipeline spelt out: keep-ratio resize to data.val.scale, normalise,
     class probabilities at the image's full size, argmax."""
-    small, _ = resize(image, None, scale=tuple(cfg.data.val.scale))
+    small, _ = rescale(image, None, scale=tuple(cfg.data.val.scale))
     probs = predict_probs(make_predict_fn(model, cfg), normalize(small)[None],
                           out_size=image.shape[:2], num_classes=19)
     return probs.argmax(dim=1)[0].numpy().astype(np.uint8)

@@ -51,12 +51,12 @@ def test_ema_update_parameters_and_buffers():
 
 
 def test_ema_update_rejects_mismatched_models():
-    with pytest.raises(ValueError, match="different parameters"):
+    with pytest.raises(AssertionError, match="different parameters"):
         ema_update(_net(0), nn.Linear(3, 3), 0.5)
     other = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 2, 1))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(AssertionError, match="shape"):
         ema_update(_net(0), other, 0.5)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(AssertionError, match="alpha"):
         ema_update(_net(0), _net(1), 1.5)
 
 
@@ -69,7 +69,7 @@ def test_ema_alpha_warm_up():
     assert ema_alpha(10_000) == 0.999
     assert ema_alpha(200, alpha=0.99) == 0.99
     assert ema_alpha(50, alpha=0.99) == pytest.approx(1 - 1 / 51)
-    with pytest.raises(ValueError):
+    with pytest.raises(AssertionError):
         ema_alpha(-1)
 
 
@@ -97,5 +97,5 @@ def test_pseudo_label_gamma_and_margins_hand_example():
     torch.testing.assert_close(plain.weights, torch.full((2, 4, 3), gamma))
     # A lower threshold counts every pixel.
     assert pseudo_label(logits, threshold=0.9).gamma.item() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="B, K, H, W"):
+    with pytest.raises(AssertionError, match="B, K, H, W"):
         pseudo_label(logits[0])

@@ -6,9 +6,13 @@ import math
 import pytest
 import torch
 
+import cluda.data.pairs
+import cluda.device
+import cluda.optim
 import train
-from cluda.config import ConfigError
-from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
+from cluda.build import build_model, build_uda_step
+from cluda.checkpoint import load_checkpoint
+from cluda.config import ConfigError, load_experiment
 from cluda.teacher import make_teacher
 from cluda.uda import StepResult, TrainForward
 
@@ -230,8 +234,10 @@ def test_eval_only_reproduces_the_final_evaluation(tmp_path, capsys):
     ckpt = tmp_path / "run" / "latest.pt"
     out = train.main(["--eval-only", str(ckpt)])
     assert out["metrics"][19]["mIoU"] == result["metrics"][19]["mIoU"]
-    assert "target mIoU (19 classes)" in capsys.readouterr().out
-    assert (tmp_path / "run" / "eval_latest.md").is_file()
+    assert f"mIoU {100 * out['metrics'][19]['mIoU']:.2f} (19 classes)" in capsys.readouterr().out
+    # the files of python -m cluda.evaluate, under the same names
+    for suffix in ("md", "csv", "json"):
+        assert (tmp_path / "run" / f"eval_latest.{suffix}").is_file()
     # overrides apply to the stored config: sliding-window inference on the same checkpoint
     out = train.main(["--eval-only", str(ckpt), "--eval.mode=slide", "--eval.crop_size=[32,32]",
                       "--eval.stride=[16,16]"])
@@ -248,7 +254,7 @@ def test_train_step_updates_the_teacher_by_ema_and_rejects_nan(tmp_path):
         for p in teacher.parameters():
             p.mul_(0.5)
     step = build_uda_step(cfg)
-    optimizer, scheduler = train.build_optimizer(cfg, student)
+    optimizer, scheduler = cluda.optim.build_optimizer(cfg, student)
     data = train.build_train_dataset(cfg, length=100)
     batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     kw = dict(batch=batch, net=TrainForward(student), student=student, teacher=teacher, imnet=None,
@@ -294,27 +300,27 @@ def test_amp_needs_a_gpu_with_bfloat16(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     with pytest.raises(ConfigError, match=r"Tesla V100 \(compute capability 7\.0\) lacks.*--train\.amp=false"):
-        train.check_amp(cfg, gpu)
-    train.check_amp(load_experiment(None, tiny_overrides(tmp_path, "--train.amp=false")), gpu)
-    train.check_amp(cfg, torch.device("cpu"))  # the CPU never autocasts
+        cluda.device.check_amp(cfg, gpu)
+    cluda.device.check_amp(load_experiment(None, tiny_overrides(tmp_path, "--train.amp=false")), gpu)
+    cluda.device.check_amp(cfg, torch.device("cpu"))  # the CPU never autocasts
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
-    train.check_amp(cfg, gpu)
+    cluda.device.check_amp(cfg, gpu)
 
 
 def test_schedule_is_linear_warmup_then_poly():
-    f = train.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
+    f = cluda.optim.WarmupPoly(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=1.0)
     assert f(0) == pytest.approx(1e-6)
     assert f(5) == pytest.approx((1 - 0.05) * (1 - 0.5 * (1 - 1e-6)))
     assert f(10) == pytest.approx(0.9) and f(50) == pytest.approx(0.5) and f(100) == 0.0
-    g = train.WarmupPoly(max_iters=100, warmup_iters=0, warmup_ratio=1e-6, power=2.0, min_ratio=0.1)
+    g = cluda.optim.WarmupPoly(max_iters=100, warmup_iters=0, warmup_ratio=1e-6, power=2.0, min_ratio=0.1)
     assert g(0) == 1.0 and g(50) == pytest.approx(0.9 * 0.25 + 0.1) and g(100) == pytest.approx(0.1)
 
 
 def test_iteration_batches_give_each_rank_its_own_items():
-    b = list(train.IterationBatches(start=2, stop=4, batch_size=3, rank=1, world=2))
+    b = list(cluda.data.pairs.IterationBatches(start=2, stop=4, batch_size=3, rank=1, world=2))
     assert b == [[15, 16, 17], [21, 22, 23]]  # (it * world + rank) * batch + slot
-    r0 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=0, world=2))
-    r1 = list(train.IterationBatches(start=0, stop=3, batch_size=2, rank=1, world=2))
+    r0 = list(cluda.data.pairs.IterationBatches(start=0, stop=3, batch_size=2, rank=0, world=2))
+    r1 = list(cluda.data.pairs.IterationBatches(start=0, stop=3, batch_size=2, rank=1, world=2))
     assert not set(sum(r0, [])) & set(sum(r1, []))
 
 
@@ -325,3 +331,8 @@ def test_command_line_rejects_unknown_keys_and_arguments(tmp_path):
         train.main(["configs/demo.yaml", "stray"])
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
         train.main([str(tmp_path / "missing.yaml")])
+    # an override whose value holds a space is an override, not the config path
+    args, overrides = train.parse_args(["--eval.stride=[256, 256]", "--resume"])
+    assert args.config is None and args.resume == "auto" and overrides == ["--eval.stride=[256, 256]"]
+    args, overrides = train.parse_args(["c.yaml", "--eval.stride=[256, 256]", "--stop-at=3"])
+    assert args.config == "c.yaml" and args.stop_at == 3 and overrides == ["--eval.stride=[256, 256]"]

@@ -6,10 +6,14 @@ import os
 import socket
 
 import torch
+
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluda.experiment import build_model, load_experiment
+import cluda.data.pairs
+
+from cluda.build import build_model
+from cluda.config import load_experiment
 from test_train import FAMILIES, tiny_overrides
 
 RUNS = [
@@ -36,7 +40,7 @@ def _worker(rank, world, port, work_dir):
             torch.save({"student": result["student"].state_dict(),
                         "teacher": result["teacher"].state_dict(),
                         "miou": result["metrics"][19]["mIoU"],
-                        "first_batch": list(train.IterationBatches(start=0, stop=1, batch_size=2,
+                        "first_batch": list(cluda.data.pairs.IterationBatches(start=0, stop=1, batch_size=2,
                                                                    rank=rank, world=world))[0]},
                        os.path.join(work_dir, f"{name}_rank{rank}.pt"))
     finally:

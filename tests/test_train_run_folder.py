@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import cluda.optim
 import train
 from cluda import runs
-from cluda.config import ConfigError
-from cluda.errors import UserError, is_user_error
-from cluda.experiment import build_model, build_uda_step, load_checkpoint, load_experiment
+from cluda.build import build_model, build_uda_step
+from cluda.checkpoint import load_checkpoint
+from cluda.config import ConfigError, load_experiment
+from cluda.errors import is_user_error, UserError
 from cluda.uda import StepResult, TrainForward
 from test_data_real import make_cityscapes
 from test_train import _tensors_equal, read_csv, run, tiny_overrides
@@ -100,7 +102,7 @@ def test_resume_with_a_longer_schedule_rebuilds_it(tmp_path, capsys):
     rows = read_csv(out / "log.csv")
     assert [r["iteration"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
     cfg = load_experiment(str(out / "config.yaml"))
-    schedule = train.WarmupPoly(max_iters=6, warmup_iters=cfg.optim.warmup_iters,
+    schedule = cluda.optim.WarmupPoly(max_iters=6, warmup_iters=cfg.optim.warmup_iters,
                                 warmup_ratio=cfg.optim.warmup_ratio, power=cfg.optim.poly_power)
     for r in rows[4:]:  # iterations 5 and 6 train at the new schedule's lr, not at lr 0
         it = int(r["iteration"]) - 1
@@ -130,7 +132,7 @@ def test_resume_with_a_changed_optimiser_is_refused_or_applied(tmp_path):
     rows = read_csv(out / "log.csv")
     cfg = load_experiment(str(out / "config.yaml"))
     assert cfg.optim.lr == 0.003 and (out / runs.history_name(2)).read_bytes() == config_before
-    schedule = train.WarmupPoly(max_iters=4, warmup_iters=cfg.optim.warmup_iters,
+    schedule = cluda.optim.WarmupPoly(max_iters=4, warmup_iters=cfg.optim.warmup_iters,
                                 warmup_ratio=cfg.optim.warmup_ratio, power=cfg.optim.poly_power)
     for r in rows:
         it = int(r["iteration"]) - 1
@@ -164,7 +166,7 @@ def test_non_finite_gradients_never_reach_the_weights(tmp_path, policy):
                                                f"--train.nonfinite={policy}"))
     torch.manual_seed(0)
     student = build_model(cfg)
-    optimizer, scheduler = train.build_optimizer(cfg, student)
+    optimizer, scheduler = cluda.optim.build_optimizer(cfg, student)
     data = train.build_train_dataset(cfg, length=100)
     batch = torch.utils.data.default_collate([data[i] for i in range(2)])
     kw = dict(batch=batch, net=TrainForward(student), student=student, teacher=None, imnet=None,

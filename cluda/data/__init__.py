@@ -17,15 +17,15 @@ from .datasets import (CityscapesDataset, GTADataset, LabelledFilesDataset, Segm
 from .io import read_image, read_label
 from .rcs import (RareClassSampler, compute_class_stats, load_class_stats, rcs_class_probabilities,
                   save_class_stats)
-from .transforms import (DAFORMER_SCALES, HRDA_SCALES, IMAGENET_MEAN, IMAGENET_STD, SegTransform,
+from .transforms import (DAFORMER_SCALES, HRDA_SCALES, IMAGENET_MEAN_255, IMAGENET_STD_255, SegTransform,
                          denormalize, eval_transform, normalize, train_transform)
-from .uda import UDADataset
+from .pairs import UDADataset
 
 __all__ = [
     "CityscapesDataset", "GTADataset", "LabelledFilesDataset", "SegmentationDataset",
     "SynthiaDataset", "list_cityscapes", "list_gta", "list_samples", "list_synthia",
     "read_image", "read_label", "RareClassSampler", "compute_class_stats", "load_class_stats",
     "rcs_class_probabilities", "save_class_stats", "DAFORMER_SCALES", "HRDA_SCALES",
-    "IMAGENET_MEAN", "IMAGENET_STD", "SegTransform", "denormalize", "eval_transform",
+    "IMAGENET_MEAN_255", "IMAGENET_STD_255", "SegTransform", "denormalize", "eval_transform",
     "normalize", "train_transform", "UDADataset",
 ]

@@ -16,9 +16,10 @@ from PIL import Image
 
 from .labels import IGNORE_INDEX
 
-# ImageNet statistics on 0..255 RGB (mmseg's img_norm_cfg with to_rgb=True).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+# ImageNet statistics on 0..255 RGB (mmseg's img_norm_cfg with to_rgb=True); cluda.augment's
+# IMAGENET_MEAN / IMAGENET_STD are the same on 0..1 (timm's and torchvision's convention).
+IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
+IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 # (long side, short side) bounds of the resize, per data set.
 DAFORMER_SCALES = {"gta": (1280, 720), "synthia": (1280, 760), "cityscapes": (1024, 512)}
@@ -39,7 +40,7 @@ def rescale_size(width, height, scale):
     return max(1, int(width * factor + 0.5)), max(1, int(height * factor + 0.5))
 
 
-def resize(img, label, *, scale, resize_label=True):
+def rescale(img, label, *, scale, resize_label=True):
     """Keep-ratio resize: the image bilinearly, the label with nearest neighbour.
 
     Args:
@@ -163,8 +164,8 @@ def normalize(img):
 
 
 def _normalize_np(img):
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    inv_std = 1.0 / np.asarray(IMAGENET_STD, np.float32)
+    mean = np.asarray(IMAGENET_MEAN_255, np.float32)
+    inv_std = 1.0 / np.asarray(IMAGENET_STD_255, np.float32)
     x = (np.asarray(img, np.float32) - mean) * inv_std  # (H, W, 3)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
@@ -176,7 +177,7 @@ def denormalize(img):
         raise TypeError(f"denormalize takes a (3, H, W) or (B, 3, H, W) tensor, got "
                         f"{type(img).__name__} {tuple(getattr(img, 'shape', ()))}")
     x = np.moveaxis(img.detach().float().cpu().numpy(), -3, -1)  # (..., H, W, 3)
-    x = x * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+    x = x * np.asarray(IMAGENET_STD_255, np.float32) + np.asarray(IMAGENET_MEAN_255, np.float32)
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
 
@@ -246,7 +247,7 @@ class SegTransform:
         """As `__call__`, as a dict: "img", "label" and, with `pseudo_margins`, "pseudo_valid"
         ((h, w) uint8, 0 where the pseudo-labels are not trusted). The random draws are the same
         either way."""
-        img, label = resize(img, label, scale=self.scale, resize_label=self.resize_label)
+        img, label = rescale(img, label, scale=self.scale, resize_label=self.resize_label)
         valid = None
         if self.pseudo_margins is not None:
             valid = margin_mask(img.shape[0], img.shape[1], self.pseudo_margins)

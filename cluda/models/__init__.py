@@ -1,10 +1,10 @@
 """Segmentation networks: MiT / timm encoders, the DAFormer decoder, the segmentor, HRDA."""
 from .backbones import FrozenEncoder, TimmBackbone, available_backbones, build_backbone, build_imnet_encoder
-from .checkpoint import read_state_dict
 from .decoder import DAFormerHead
 from .hrda import HRDA, HRDAOutput, box_to_grid, crop, random_crop_box
 from .mit import MIT_CONFIGS, MixVisionTransformer, load_mit_weights, mit
 from .segmentor import Segmentor, build_segmentor, param_groups, sliding_window
+from .weights import check_state_dict, load_state_checked, read_state_dict
 
 __all__ = [
     "DAFormerHead",
@@ -20,8 +20,10 @@ __all__ = [
     "build_backbone",
     "build_imnet_encoder",
     "build_segmentor",
+    "check_state_dict",
     "crop",
     "load_mit_weights",
+    "load_state_checked",
     "mit",
     "param_groups",
     "random_crop_box",

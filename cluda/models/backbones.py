@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import PathLike, read_state_dict
+from .weights import PathLike, check_keys, read_state_dict
 from .mit import MIT_CONFIGS, MixVisionTransformer, load_mit_weights, mit
 
 Pretrained = Union[None, bool, PathLike]
@@ -227,13 +227,8 @@ def _create_timm_from_file(name: str, path: str, kwargs: Dict[str, object]) -> n
     # A features_only model is built with its classifier; timm drops the checkpoint's classifier
     # and loads non-strictly, reporting the classifier (and anything else) as missing.
     missing = [k for k in missing if not any(k.startswith(c + ".") for c in classifiers)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:8])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}")
-    if problems:
-        raise ValueError(f"checkpoint {path!r} does not fit timm model {name!r}: " + "; ".join(problems))
+    check_keys(f"checkpoint {path!r} does not fit timm model {name!r}", missing=missing,
+               unexpected=unexpected)
     return model
 
 

@@ -44,9 +44,11 @@ import torch
 from torch import nn
 
 from .decoder import DAFormerHead
-from .segmentor import Segmentor, Size, _pair, param_groups, resize, sliding_window
+from .segmentor import Segmentor, Size, _pair, param_groups, resize_bilinear, sliding_window
 
-Box = Tuple[int, int, int, int]  # (y1, y2, x1, x2), end-exclusive
+# (y1, y2, x1, x2), end-exclusive: every box of the project (HRDA's detail crop in pixels, its
+# image on a feature grid, `cluda.losses` on the LR grid).
+Box = Tuple[int, int, int, int]
 
 
 def crop(x: torch.Tensor, box: Box) -> torch.Tensor:
@@ -230,7 +232,7 @@ class HRDA(nn.Module):
         lr_grid = (h // self.lr_stride, w // self.lr_stride)  # LR grid, stride 8
         hr_box = box_to_grid(box, self.output_stride)
 
-        lr_img = resize(img, (int(h * self.lr_scale), int(w * self.lr_scale)))
+        lr_img = resize_bilinear(img, (int(h * self.lr_scale), int(w * self.lr_scale)))
         lr_logits, lr_fused, lr_feats = self.segmentor.forward_with_features(lr_img)
         hr_logits, hr_fused = self.segmentor(crop(img, box))
         expected_hr = (hr_box[1] - hr_box[0], hr_box[3] - hr_box[2])
@@ -240,11 +242,11 @@ class HRDA(nn.Module):
                 f"are not input / {self.output_stride}: expected {lr_grid} / {expected_hr}"
             )
 
-        attention = resize(torch.sigmoid(self.attention_head(lr_feats)[0]), grid)  # (B, K, H/4, W/4)
+        attention = resize_bilinear(torch.sigmoid(self.attention_head(lr_feats)[0]), grid)  # (B, K, H/4, W/4)
         inside = torch.zeros((1, 1) + grid, dtype=attention.dtype, device=attention.device)
         crop(inside, hr_box).fill_(1)
         attention = attention * inside  # the HR view only exists inside the box
-        lr_up = resize(lr_logits, grid)
+        lr_up = resize_bilinear(lr_logits, grid)
         hr_placed = torch.zeros_like(lr_up)
         crop(hr_placed, hr_box).copy_(hr_logits)
         fused = attention * hr_placed + (1 - attention) * lr_up
@@ -282,19 +284,19 @@ class HRDA(nn.Module):
         """
         h, w = img.shape[-2:]
         grid = (math.ceil(h / self.output_stride), math.ceil(w / self.output_stride))
-        lr_img = resize(img, (max(1, int(h * self.lr_scale)), max(1, int(w * self.lr_scale))))
+        lr_img = resize_bilinear(img, (max(1, int(h * self.lr_scale)), max(1, int(w * self.lr_scale))))
         lr_logits, _, lr_feats = self.segmentor.forward_with_features(lr_img)
-        attention = resize(torch.sigmoid(self.attention_head(lr_feats)[0]), grid)
+        attention = resize_bilinear(torch.sigmoid(self.attention_head(lr_feats)[0]), grid)
         hr_logits = sliding_window(
             img,
-            lambda crops: resize(self.segmentor(crops)[0], crops.shape[-2:]),
+            lambda crops: resize_bilinear(self.segmentor(crops)[0], crops.shape[-2:]),
             crop_size=self.hr_slide_size,
             stride=self.hr_slide_stride,
             out_channels=self.num_classes,
             window_batch=window_batch,
         )
-        hr_logits = resize(hr_logits, grid).to(lr_logits.dtype)
-        return attention * hr_logits + (1 - attention) * resize(lr_logits, grid)
+        hr_logits = resize_bilinear(hr_logits, grid).to(lr_logits.dtype)
+        return attention * hr_logits + (1 - attention) * resize_bilinear(lr_logits, grid)
 
     @torch.no_grad()
     def inference(
@@ -324,19 +326,20 @@ class HRDA(nn.Module):
         size = (img.shape[-2], img.shape[-1]) if out_size is None else _pair(out_size, "out_size")
         if mode == "whole":
             # via the image size, like the windows of "slide"
-            return resize(resize(self.predict_whole(img, window_batch=window_batch), img.shape[-2:]), size)
+            logits = self.predict_whole(img, window_batch=window_batch)
+            return resize_bilinear(resize_bilinear(logits, img.shape[-2:]), size)
         if mode == "slide":
             if crop_size is None or stride is None:
                 raise ValueError("mode='slide' needs crop_size and stride")
             logits = sliding_window(
                 img,
-                lambda crops: resize(self.predict_whole(crops, window_batch=window_batch), crops.shape[-2:]),
+                lambda crops: resize_bilinear(self.predict_whole(crops, window_batch=window_batch), crops.shape[-2:]),
                 crop_size=crop_size,
                 stride=stride,
                 out_channels=self.num_classes,
                 window_batch=1,
             )
-            return resize(logits, size)
+            return resize_bilinear(logits, size)
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
 
     def param_groups(

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from .checkpoint import PathLike, read_state_dict
+from .weights import PathLike, check_state_dict, read_state_dict
 
 # Per-variant architecture (SegFormer Table 6). All variants: mlp ratio 4, sr ratios (8, 4, 2, 1).
 MIT_CONFIGS: Dict[str, Dict[str, Tuple[int, ...]]] = {
@@ -294,36 +294,15 @@ def load_mit_weights(model: MixVisionTransformer, path: PathLike) -> Dict[str, L
 
     Raises:
         FileNotFoundError: no file at `path`.
-        ValueError: keys missing from the checkpoint, keys the model does not have, or shape
-            mismatches; the message names the keys and the file.
+        CheckpointError (a ValueError): keys missing from the checkpoint, keys the model does not
+            have, or shape mismatches; the message names the keys and the file.
     """
     state = read_state_dict(path)
     ignored = sorted(k for k in state if k.startswith(_CLASSIFIER_PREFIX))
     state = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIX)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_preview(mismatched)}")
-    if problems:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit this MiT (channels {model.channels}, depths "
-            f"{list(model.depths)}): " + "; ".join(problems)
-        )
+    check_state_dict(model.state_dict(), state, what=(
+        f"checkpoint {str(path)!r} does not fit this MiT (channels {model.channels}, depths "
+        f"{list(model.depths)})"))
     model.load_state_dict(state, strict=True)
     return {"ignored": ignored}
 
-
-def _preview(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

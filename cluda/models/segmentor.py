@@ -44,7 +44,7 @@ def _pair(size: Size, what: str) -> Tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize (align_corners=False) of a (B, C, h, w) map; a no-op at the same size."""
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
@@ -181,19 +181,19 @@ class Segmentor(nn.Module):
         size = (img.shape[-2], img.shape[-1]) if out_size is None else _pair(out_size, "out_size")
         if mode == "whole":
             # via the image size, like the windows of "slide" (mmsegmentation's order)
-            return resize(resize(self(img)[0], img.shape[-2:]), size)
+            return resize_bilinear(resize_bilinear(self(img)[0], img.shape[-2:]), size)
         if mode == "slide":
             if crop_size is None or stride is None:
                 raise ValueError("mode='slide' needs crop_size and stride")
             logits = sliding_window(
                 img,
-                lambda crops: resize(self(crops)[0], crops.shape[-2:]),
+                lambda crops: resize_bilinear(self(crops)[0], crops.shape[-2:]),
                 crop_size=crop_size,
                 stride=stride,
                 out_channels=self.num_classes,
                 window_batch=window_batch,
             )
-            return resize(logits, size)
+            return resize_bilinear(logits, size)
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
 
     def param_groups(

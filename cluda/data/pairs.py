@@ -1,6 +1,6 @@
-"""The UDA training data set: each item pairs a labelled source sample (drawn by rare class
-sampling or uniformly) with a random target sample, as DAFormer's `UDADataset` (Hoyer et al.,
-CVPR 2022), whose target labels are never used for training.
+"""The UDA training data set of source / target pairs: each item pairs a labelled source sample
+(drawn by rare class sampling or uniformly) with a random target sample, as DAFormer's
+`UDADataset` (Hoyer et al., CVPR 2022), whose target labels are never used for training.
 
 Item `index` is a pure function of (seed, index): the generator of every random choice
 (which source image, which target image, crops, flips, RCS class) is
@@ -58,3 +58,18 @@ class UDADataset(torch.utils.data.Dataset):
             source["rcs_class"] = -1  # same keys either way, so batches collate
         target = self.target.get(int(rng.integers(len(self.target))), rng)
         return {"source": source, "target": target}
+
+
+class IterationBatches(torch.utils.data.Sampler):
+    """Batch `it` of rank r holds data set items (it * world + r) * batch_size + b."""
+
+    def __init__(self, *, start: int, stop: int, batch_size: int, rank: int = 0, world: int = 1):
+        self.start, self.stop, self.batch_size, self.rank, self.world = start, stop, batch_size, rank, world
+
+    def __iter__(self):
+        for it in range(self.start, self.stop):
+            first = (it * self.world + self.rank) * self.batch_size
+            yield list(range(first, first + self.batch_size))
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
