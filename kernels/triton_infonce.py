@@ -929,7 +929,7 @@ class SplitLaunch:
 
 @dataclass(frozen=True)
 class TritonConfig:
-    """Launch parameters of the kernels (issue 3 tunes them on a GPU; `VARIANTS` holds presets).
+    """Launch parameters of the kernels (`VARIANTS` holds the presets; bench/NOTES.md their GPU measurements).
 
     The defaults are the streamed launch: 64 x 32 tiles over 8 warps, channels streamed in chunks
     of 64 for the similarity and 128 gradient channels per backward program. tests/test_pixel_infonce_slow.py
