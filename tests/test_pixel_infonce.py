@@ -311,6 +311,24 @@ def test_variant_picks_the_triton_preset_and_is_ignored_elsewhere():
         pixel_infonce(f, labels, temperature=0.1, impl="torch", variant=3)
 
 
+def _sorted_triton_run(n, c, num_classes, *, seed):
+    """`run(config)` -> (loss, d feats, d pos_weight) of the Triton op on fixed class-sorted inputs
+    (tau 0.1, with pixel weights and an upstream gradient), for comparing launch configs."""
+    from kernels import triton_infonce as ti
+
+    feats, labels, kwargs, upstream = make_inputs(n, c, num_classes, seed=seed, weight=True)
+    layout = sort_pixels(labels)
+    f, u = feats[layout.index].float(), kwargs["pos_weight"][layout.index].float()
+    g = upstream[layout.index].float()
+
+    def run(config):
+        f1, u1 = f.clone().requires_grad_(), u.clone().requires_grad_()
+        loss = ti.triton_pixel_infonce(f1, layout, inv_tau=10.0, pos_weight=u1, config=config)
+        (loss * g).sum().backward()
+        return loss.detach(), f1.grad, u1.grad
+    return run
+
+
 @needs_triton
 def test_triton_launch_falls_back_when_the_device_lacks_shared_memory(monkeypatch):
     """A launch Triton refuses for lack of on-chip resources (the default forward's resident rows
@@ -334,16 +352,7 @@ def test_triton_launch_falls_back_when_the_device_lacks_shared_memory(monkeypatc
                 return self.kernel[grid](*args, **kw)
             return launch
 
-    feats, labels, kwargs, upstream = make_inputs(150, 130, 4, seed=5, weight=True)
-    layout = sort_pixels(labels)
-    f, u = feats[layout.index].float(), kwargs["pos_weight"][layout.index].float()
-    g = upstream[layout.index].float()
-
-    def run(config):
-        f1, u1 = f.clone().requires_grad_(), u.clone().requires_grad_()
-        loss = ti.triton_pixel_infonce(f1, layout, inv_tau=10.0, pos_weight=u1, config=config)
-        (loss * g).sum().backward()
-        return loss.detach(), f1.grad, u1.grad
+    run = _sorted_triton_run(150, 130, 4, seed=5)
 
     large = ti.TritonConfig(block_m=32, block_n=16, block_d=256, resident_rows=True)
     assert large.resolved(130, torch.float32).resident_rows
@@ -591,16 +600,7 @@ def test_split_falls_back_to_the_resident_kernels_when_refused(monkeypatch):
 
     from kernels import triton_infonce as ti
 
-    feats, labels, kwargs, upstream = make_inputs(120, 24, 3, seed=45, weight=True)
-    layout = sort_pixels(labels)
-    f, u = feats[layout.index].float(), kwargs["pos_weight"][layout.index].float()
-    g = upstream[layout.index].float()
-
-    def run(config):
-        f1, u1 = f.clone().requires_grad_(), u.clone().requires_grad_()
-        loss = ti.triton_pixel_infonce(f1, layout, inv_tau=10.0, pos_weight=u1, config=config)
-        (loss * g).sum().backward()
-        return loss.detach(), f1.grad, u1.grad
+    run = _sorted_triton_run(120, 24, 3, seed=45)
 
     base = ti.TritonConfig(block_m=32, block_n=16, block_d=128)
     want = run(base)
