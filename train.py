@@ -39,7 +39,8 @@ from cluda import runs
 from cluda.build import build_model, build_train_dataset, build_uda_step, build_val_dataset, encoder_of
 from cluda.checkpoint import (config_from_checkpoint, load_checkpoint, restore_training_state,
                               save_training_state)
-from cluda.config import Config, ConfigError, load_experiment, output_dir, save_yaml, split_overrides, to_dict
+from cluda.cli import parse_cli
+from cluda.config import Config, ConfigError, load_experiment, output_dir, save_yaml, to_dict
 from cluda.data.pairs import IterationBatches
 from cluda.device import (autocast, backend_settings, broadcast_buffers, check_amp, resolve_device,
                           seed_iteration, setup_distributed)
@@ -379,12 +380,9 @@ def parse_args(argv: Optional[Sequence[str]]):
                         help="with --resume: accept config changes beyond run control (devices, "
                              "intervals, evaluation, train.max_iters); they apply from the resumed "
                              "iteration and the previous config is kept as config.until_<N>.yaml")
-    # The overrides are taken out first: argparse would read one that holds a space
-    # ("--eval.stride=[256, 256]") as the positional CONFIG.
-    rest, overrides = split_overrides(list(sys.argv[1:] if argv is None else argv))
-    args, extra = parser.parse_known_args(rest)
-    if extra:
-        parser.error(f"unrecognised arguments {extra}: overrides are --section.key=value")
+    # The overrides are taken out first (`cluda.cli.parse_cli`): argparse would read one that
+    # holds a space ("--eval.stride=[256, 256]") as the positional CONFIG.
+    args, overrides = parse_cli(parser, argv)
     if args.stop_at is not None and args.stop_at < 1:
         parser.error(f"--stop-at must be >= 1, got {args.stop_at}")
     return args, overrides
